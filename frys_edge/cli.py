@@ -1,0 +1,301 @@
+"""The `frys` command line: parses arguments, calls runtime, storage and config, sets exit codes.
+
+Exit codes: 0 ok, 1 failure, 2 usage or config error. Heavy modules are imported inside the
+commands so `frys --version` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from frys_edge import __version__
+
+if TYPE_CHECKING:
+    from frys_edge.config import LoadedConfig
+    from frys_edge.storage import Storage
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+MAIN_HELP = """\
+Frys Edge: an embedded edge runtime.
+
+examples:
+  frys run                          run on defaults, state in ./data
+  frys run -c frys.toml             run with a config file
+  frys config check frys.toml       validate a config file
+  frys kv put -c frys.toml greeting '"hello"'
+  frys db backup /mnt/usb/frys.db   consistent snapshot of the database
+
+Every command that opens the data dir takes -c/--config FILE and --data-dir DIR and honours
+FRYS_SYSTEM_DATA_DIR. Exit codes: 0 ok, 1 failure, 2 usage or config error.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--data-dir", metavar="DIR", help="data dir (overrides [system] data_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command tree, with an example in each command's help."""
+    parser = _Parser(prog="frys", description=MAIN_HELP)
+    parser.add_argument("--version", action="version", version=f"frys {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run the runtime until SIGTERM or SIGINT",
+        description="Run the runtime until SIGTERM or SIGINT (drains gracefully; a second "
+        "signal exits at once). SIGHUP reloads the config file.\n\n"
+        "example:\n  frys run -c frys.toml --log-level debug",
+    )
+    _config_flags(run)
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", choices=["text", "json"])
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="check or show configuration")
+    csub = config.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = csub.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate a config file together with FRYS_* variables; exit 0 when "
+        "valid, 2 listing every problem when not.\n\nexample:\n  frys config check frys.toml",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_config_check)
+    show = csub.add_parser(
+        "show",
+        help="print the effective config and where each value came from",
+        description="Print every effective value and its source (default, file, env, "
+        "flag).\n\nexample:\n  FRYS_NETWORK_PORT=9000 frys config show -c frys.toml",
+    )
+    _config_flags(show)
+    show.add_argument("--json", action="store_true", help="print JSON instead of TOML-ish text")
+    show.set_defaults(func=cmd_config_show)
+
+    kv = sub.add_parser("kv", help="read and write the key-value store")
+    ksub = kv.add_subparsers(dest="action", metavar="ACTION", required=True)
+    kv_examples = {
+        "get": "frys kv get -c frys.toml greeting",
+        "put": "frys kv put -c frys.toml greeting '\"hello\"'   (VALUE is JSON, else a string)",
+        "delete": "frys kv delete -c frys.toml greeting",
+        "list": "frys kv list -c frys.toml sensor/   (keys starting with sensor/)",
+    }
+    for action, example in kv_examples.items():
+        p = ksub.add_parser(
+            action,
+            help=f"{action} keys",
+            description=f"example:\n  {example}",
+        )
+        _config_flags(p)
+        p.add_argument("-n", "--namespace", default="default", help="namespace (default: default)")
+        if action == "list":
+            p.add_argument("prefix", nargs="?", default="", metavar="PREFIX")
+            p.add_argument("--limit", type=int, default=1000)
+        else:
+            p.add_argument("key", metavar="KEY")
+        if action == "put":
+            p.add_argument("value", metavar="VALUE")
+            p.add_argument("--string", action="store_true", help="store VALUE as a string as is")
+        p.set_defaults(func=cmd_kv)
+
+    db = sub.add_parser("db", help="check or back up the database")
+    dsub = db.add_subparsers(dest="action", metavar="ACTION", required=True)
+    dcheck = dsub.add_parser(
+        "check",
+        help="run SQLite's integrity check",
+        description="Run PRAGMA integrity_check on the data dir's database; exit 0 when "
+        "sound, 1 listing the damage.\n\nexample:\n  frys db check -c frys.toml",
+    )
+    _config_flags(dcheck)
+    dcheck.set_defaults(func=cmd_db_check)
+    backup = dsub.add_parser(
+        "backup",
+        help="write a consistent snapshot with the SQLite backup API",
+        description="Write a consistent snapshot (safe while `frys run` is running).\n\n"
+        "example:\n  frys db backup -c frys.toml /mnt/usb/frys-backup.db",
+    )
+    _config_flags(backup)
+    backup.add_argument("path", metavar="PATH")
+    backup.set_defaults(func=cmd_db_backup)
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the foundation benchmarks and print the table",
+        description="Measure scheduler, bus, pool, storage and start-up against floors "
+        "measured in the same run.\n\nexample:\n  frys bench --json results.json",
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    flags = {
+        "data_dir": "system.data_dir",
+        "log_level": "system.log_level",
+        "log_format": "system.log_format",
+    }
+    return {key: v for flag, key in flags.items() if (v := getattr(args, flag, None)) is not None}
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    from frys_edge.config import load_config
+
+    return load_config(getattr(args, "config", None), overrides=_overrides(args))
+
+
+def _open_storage(args: argparse.Namespace, readonly: bool) -> Storage:
+    from frys_edge.storage import Storage
+
+    cfg = _load(args).config
+    return Storage(
+        cfg.system.data_dir,
+        sync=cfg.storage.sync,
+        busy_timeout=cfg.storage.busy_timeout,
+        readonly=readonly,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from frys_edge.runtime import Runtime, configure_logging, serve
+
+    loaded = _load(args)
+    configure_logging(loaded.config.system.log_level, loaded.config.system.log_format)
+    rt = Runtime(loaded, overrides=_overrides(args))
+
+    def ready() -> None:
+        print(
+            f"frys {__version__} running, data dir {loaded.config.system.data_dir}; "
+            "stop with Ctrl-C or SIGTERM",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return anyio.run(serve, rt, ready)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from frys_edge.config import load_config
+
+    load_config(args.file)
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from frys_edge.config import config_items, display_value
+
+    loaded = _load(args)
+    items = config_items(loaded.config)
+    if args.json:
+        out = {k: {"value": display_value(k, v), "source": loaded.sources[k]} for k, v in items}
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    section = None
+    for key, value in items:
+        head, _, name = key.partition(".")
+        if head != section:
+            print(f"{'' if section is None else chr(10)}[{head}]")
+            section = head
+        print(f"{name} = {display_value(key, value)}  # {loaded.sources[key]}")
+    return EXIT_OK
+
+
+def cmd_kv(args: argparse.Namespace) -> int:
+    import anyio
+
+    ns = args.namespace
+    if args.action in ("get", "list"):
+        with _open_storage(args, readonly=True) as store:
+            if args.action == "get":
+                entry = store.get(ns, args.key)
+                if entry is None:
+                    print(f"frys: no key {args.key!r} in namespace {ns!r}", file=sys.stderr)
+                    return EXIT_FAILURE
+                print(json.dumps(entry.value))
+            else:
+                for entry in store.list_prefix(ns, args.prefix, limit=args.limit):
+                    print(f"{entry.key}\t{json.dumps(entry.value)}")
+        return EXIT_OK
+    with _open_storage(args, readonly=False) as store:
+        if args.action == "put":
+            value: Any = args.value
+            if not args.string:
+                try:
+                    value = json.loads(args.value)
+                except ValueError:
+                    value = args.value
+            version = anyio.run(store.put, ns, args.key, value)
+            print(f"{args.key} = {json.dumps(value)} (version {version})")
+            return EXIT_OK
+        existed = anyio.run(store.delete, ns, args.key)
+        if not existed:
+            print(f"frys: no key {args.key!r} in namespace {ns!r}", file=sys.stderr)
+            return EXIT_FAILURE
+        print(f"deleted {args.key}")
+        return EXIT_OK
+
+
+def cmd_db_check(args: argparse.Namespace) -> int:
+    with _open_storage(args, readonly=True) as store:
+        problems = store.check()
+    if problems == ["ok"]:
+        print(f"{store.path}: ok")
+        return EXIT_OK
+    print(f"{store.path}: integrity check found {len(problems)} problem(s):")
+    for line in problems:
+        print(f"  {line}")
+    print("restore the file from a backup (frys db backup makes them)")
+    return EXIT_FAILURE
+
+
+def cmd_db_backup(args: argparse.Namespace) -> int:
+    with _open_storage(args, readonly=True) as store:
+        dest = store.backup(args.path)
+    print(f"backed up {store.path} to {dest}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from frys_edge.bench import run_benchmarks
+
+    return run_benchmarks(json_path=args.json, quick=args.quick)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `frys` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from frys_edge.config import ConfigError
+    from frys_edge.core import FrysError
+
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"frys: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FrysError as e:
+        print(f"frys: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Metrics and health: the numbers and component states the runtime reports; no I/O.
+
+Counters, gauges and histograms (with Prometheus-style buckets and p50/p95/p99 over a
+bounded window of recent samples), and a health model where each component is ok,
+degraded or failed with a reason. The API exposes these; nothing here serves them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import msgspec
+
+Status = Literal["starting", "ok", "degraded", "failed", "stopped"]
+_RANK: dict[str, int] = {"ok": 0, "stopped": 0, "starting": 1, "degraded": 2, "failed": 3}
+
+# Seconds: from 10 µs to 10 s, covering a KV put through a slow plugin call.
+DEFAULT_BUCKETS = (
+    1e-5,
+    5e-5,
+    1e-4,
+    5e-4,
+    1e-3,
+    5e-3,
+    1e-2,
+    5e-2,
+    0.1,
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+)
+WINDOW = 2048
+
+
+class Counter:
+    """A value that only goes up."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str) -> None:
+        self.name = name
+        self.help = help
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class Gauge:
+    """A value read at collection time from a function, or set directly."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help: str, read: Callable[[], float] | None = None) -> None:
+        self.name = name
+        self.help = help
+        self._read = read
+        self._value = 0.0
+
+    def set(self, value: float) -> None:
+        self._value = value
+
+    @property
+    def value(self) -> float:
+        return self._read() if self._read is not None else self._value
+
+
+class Histogram:
+    """Observations in cumulative buckets, plus quantiles over the last WINDOW samples."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Iterable[float] = DEFAULT_BUCKETS) -> None:
+        self.name = name
+        self.help = help
+        self.bounds = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.sum = 0.0
+        self._recent: deque[float] = deque(maxlen=WINDOW)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.sum += value
+        self._recent.append(value)
+
+    def quantiles(self) -> dict[str, float]:
+        """p50, p95 and p99 of the recent window (zeros when empty)."""
+        data = sorted(self._recent)
+        if not data:
+            return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+        last = len(data) - 1
+        return {f"p{q}": data[round(last * q / 100)] for q in (50, 95, 99)}
+
+
+Metric = Counter | Gauge | Histogram
+
+
+class Metrics:
+    """A registry of named metrics; names are unique and prefixed `frys_` on export."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Metric] = {}
+
+    def _add(self, metric: Metric) -> Metric:
+        existing = self._metrics.get(metric.name)
+        if existing is not None:
+            if existing.kind != metric.kind:
+                raise ValueError(f"metric {metric.name} is already a {existing.kind}")
+            return existing
+        self._metrics[metric.name] = metric
+        return metric
+
+    def counter(self, name: str, help: str) -> Counter:
+        m = self._add(Counter(name, help))
+        assert isinstance(m, Counter)
+        return m
+
+    def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
+        m = self._add(Gauge(name, help, read))
+        assert isinstance(m, Gauge)
+        return m
+
+    def histogram(self, name: str, help: str) -> Histogram:
+        m = self._add(Histogram(name, help))
+        assert isinstance(m, Histogram)
+        return m
+
+    def __iter__(self) -> Iterable[Metric]:
+        return iter(list(self._metrics.values()))
+
+    def snapshot(self) -> dict[str, object]:
+        """Every metric's current value; histograms give count, sum and quantiles."""
+        out: dict[str, object] = {}
+        for m in self._metrics.values():
+            if isinstance(m, Histogram):
+                out[m.name] = {"count": m.count, "sum": m.sum, **m.quantiles()}
+            else:
+                out[m.name] = m.value
+        return out
+
+
+class ComponentHealth(msgspec.Struct):
+    """The state of one component."""
+
+    name: str
+    status: Status
+    reason: str = ""
+    since: float = 0.0
+    restarts: int = 0
+
+
+class Health:
+    """Each component's state; the whole is as bad as its worst part."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, ComponentHealth] = {}
+
+    def set(self, name: str, status: Status, reason: str = "") -> None:
+        current = self.components.get(name)
+        if current is None:
+            self.components[name] = ComponentHealth(name, status, reason, time.time())
+        elif current.status != status or current.reason != reason:
+            current.status = status
+            current.reason = reason
+            current.since = time.time()
+
+    def restarted(self, name: str) -> None:
+        self.components[name].restarts += 1
+
+    def remove(self, name: str) -> None:
+        self.components.pop(name, None)
+
+    def status(self) -> Status:
+        """The worst status over all components ("ok" when there are none)."""
+        worst: Status = "ok"
+        for c in self.components.values():
+            if _RANK[c.status] > _RANK[worst]:
+                worst = c.status
+        return worst
+
+    def ready(self) -> bool:
+        """Ready when every component is ok or degraded (still serving)."""
+        return all(c.status in ("ok", "degraded") for c in self.components.values())
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "status": self.status(),
+            "components": {c.name: msgspec.structs.asdict(c) for c in self.components.values()},
+        }

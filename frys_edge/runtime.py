@@ -1,0 +1,535 @@
+"""The kernel: owns config, storage, scheduler, bus, cache and plugins, and starts and stops them.
+
+It wires the pure core (scheduler, bus, cache) to anyio, supervises long-running components
+(restarting a failed one with backoff), keeps the health model and metrics, applies config
+reloads, and drains gracefully on shutdown. It speaks no SQL and serves no HTTP.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import ModuleType
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from frys_edge.config import (
+    Config,
+    ConfigError,
+    ConfigWatcher,
+    LoadedConfig,
+    changed_keys,
+    changed_sections,
+    load_config,
+)
+from frys_edge.core import Cache, Cancelled, EventBus, FrysError, RetryPolicy, Scheduler, Task
+from frys_edge.metrics import Health, Metrics
+from frys_edge.storage import Storage
+
+log = logging.getLogger("frys")
+
+HOOKS = ("init", "on_load", "on_unload", "on_config_change", "cleanup")
+PLUGIN_GROUP = "frys_edge.plugins"
+# Keys a running runtime applies at once; the rest take effect at the next start.
+LIVE_KEYS = {"system.log_level", "system.log_format", "storage.sync", "memory.limit"}
+CONFIG_POLL_SECONDS = 1.0
+MEMORY_POLL_SECONDS = 5.0
+
+
+class NotRunning(FrysError):
+    """Work was offered to a runtime that is not started or is shutting down."""
+
+
+class PluginError(FrysError):
+    """A native plugin could not be found, loaded or unloaded."""
+
+
+class Budget(msgspec.Struct, frozen=True):
+    """Sizes of bounded structures, derived from `[memory] limit`."""
+
+    cache_entries: int
+    bus_queue: int
+    max_pending_tasks: int
+    sqlite_cache_kib: int
+
+
+def budget_for(limit: int) -> Budget:
+    """Split a memory budget (bytes) between the runtime's bounded structures."""
+    mib = limit // (1024 * 1024)
+
+    def clamp(value: int, low: int, high: int) -> int:
+        return max(low, min(high, value))
+
+    return Budget(
+        # Assumes ~1 KiB an entry and ~512 B a queued message or pending task.
+        cache_entries=clamp(mib * 64, 256, 1_000_000),
+        bus_queue=clamp(mib * 16, 64, 100_000),
+        max_pending_tasks=clamp(mib * 256, 1000, 1_000_000),
+        # A sixteenth of the budget for SQLite's page caches, shared by all connections.
+        sqlite_cache_kib=clamp(limit // 16 // 1024, 512, 256 * 1024),
+    )
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, msg, plus any `extra` fields."""
+
+    _skip = frozenset(vars(logging.makeLogRecord({})))
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in self._skip})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(out, enc_hook=str).decode()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send the `frys` logger to stderr at level, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+class NativePlugin:
+    """A loaded Python plugin: a module or object with optional lifecycle hooks."""
+
+    def __init__(self, name: str, obj: Any) -> None:
+        self.name = name
+        self.obj = obj
+
+    async def call(self, hook: str, *args: Any) -> None:
+        fn = getattr(self.obj, hook, None)
+        if fn is None:
+            return
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            await result
+
+
+def resolve_plugin(spec: str) -> tuple[str, Any]:
+    """Find a native plugin by entry-point name, `module` or `module:attribute`."""
+    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        if ep.name == spec:
+            return spec, ep.load()
+    module_name, _, attr = spec.partition(":")
+    try:
+        module: ModuleType = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PluginError(
+            f"plugin {spec!r}: no entry point of that name in group {PLUGIN_GROUP!r} and no "
+            f"importable module ({e}); install it or fix the name"
+        ) from e
+    obj = getattr(module, attr) if attr else module
+    return getattr(obj, "NAME", spec), obj
+
+
+Component = Callable[[], Awaitable[None]]
+
+
+class Runtime:
+    """The kernel. Use as `async with Runtime(config) as rt:`."""
+
+    def __init__(
+        self,
+        config: LoadedConfig | Config | None = None,
+        *,
+        overrides: Mapping[str, str] | None = None,
+    ) -> None:
+        """Build (not start) a runtime; overrides are the CLI flags, kept across reloads."""
+        if config is None:
+            config = load_config(overrides=overrides)
+        if isinstance(config, Config):
+            config = LoadedConfig(config=config, path=None, sources={}, mtime=None)
+        self.loaded = config
+        self.health = Health()
+        self.metrics = Metrics()
+        self.plugins: dict[str, NativePlugin] = {}
+        self.budget = budget_for(config.config.memory.limit)
+        self.scheduler = Scheduler(
+            max_pending=self.budget.max_pending_tasks, on_wake=self._wake_driver
+        )
+        self.bus = EventBus(self.scheduler, default_maxsize=self.budget.bus_queue)
+        self.cache = Cache(max_entries=self.budget.cache_entries)
+        self.storage: Storage | None = None
+        self.started_at = 0.0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._scopes: dict[Task, anyio.CancelScope] = {}
+        self._accepting = False
+        self._watcher = ConfigWatcher(config.path, overrides=overrides) if config.path else None
+        self._config_listeners: list[Callable[[Config, set[str]], None]] = []
+        self._tasks_run = self.metrics.counter("tasks_completed_total", "Tasks finished")
+        self._task_latency = self.metrics.histogram("task_seconds", "Task run time")
+        self._reloads = self.metrics.counter("config_reloads_total", "Config reloads applied")
+        self._reload_errors = self.metrics.counter(
+            "config_reload_errors_total", "Config reloads refused as invalid"
+        )
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    # -- start and stop -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open storage, start the scheduler driver and the supervised components."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        self.health.set("storage", "starting")
+        self.storage = await anyio.to_thread.run_sync(self._open_storage)
+        self.health.set("storage", "ok")
+        self._register_gauges()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._accepting = True
+        self.health.set("scheduler", "ok")
+        self._tg.start_soon(self._drive, name="frys-scheduler")
+        self.supervise("memory", self._watch_memory)
+        if self._watcher is not None:
+            self.supervise("config", self._watch_config)
+        self.started_at = time.time()
+        log.info(
+            "runtime started in %.1f ms, data dir %s, sync=%s",
+            (time.perf_counter() - t0) * 1000,
+            cfg.system.data_dir,
+            cfg.storage.sync,
+        )
+
+    def _open_storage(self) -> Storage:
+        cfg = self.config
+        return Storage(
+            cfg.system.data_dir,
+            sync=cfg.storage.sync,
+            busy_timeout=cfg.storage.busy_timeout,
+            readers=cfg.storage.readers,
+            cache_kib=self.budget.sqlite_cache_kib // (cfg.storage.readers + 1),
+        )
+
+    async def stop(self) -> None:
+        """Stop taking work, let running tasks finish within shutdown_timeout, then close."""
+        if self._tg is None:
+            return
+        self._accepting = False
+        timeout = self.config.system.shutdown_timeout
+        with anyio.move_on_after(timeout) as scope:
+            while self.scheduler.stats()["running"]:
+                await anyio.sleep(0.01)
+        if scope.cancelled_caught:
+            log.warning("shutdown: tasks still running after %.1f s, cancelling them", timeout)
+        for name in list(self.plugins):
+            await self.unload_plugin(name)
+        tg, self._tg = self._tg, None
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+        self.health.set("storage", "stopped")
+        self.health.set("scheduler", "stopped")
+        log.info("runtime stopped")
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("process_resident_memory_bytes", "Resident memory", lambda: float(rss_bytes()))
+        m.gauge("memory_limit_bytes", "Configured memory budget", lambda: self.config.memory.limit)
+        m.gauge("tasks_running", "Tasks running", lambda: self.scheduler.stats()["running"])
+        m.gauge("tasks_pending", "Tasks waiting", lambda: self.scheduler.stats()["pending"])
+        m.gauge("bus_published_total", "Bus messages published", lambda: self._bus("published"))
+        m.gauge("bus_dropped_total", "Bus messages dropped", lambda: self._bus("dropped"))
+        m.gauge("cache_hit_rate", "Cache hit rate", lambda: self.cache.stats()["hit_rate"])
+        m.gauge("plugins_loaded", "Native plugins loaded", lambda: len(self.plugins))
+        m.gauge("storage_commits_total", "SQLite commits", lambda: self._storage("commits"))
+        m.gauge("storage_writes_total", "Storage writes", lambda: self._storage("writes"))
+
+    def _bus(self, key: str) -> float:
+        return float(self.bus.stats()[key])
+
+    def _storage(self, key: str) -> float:
+        return float(self.storage.stats()[key]) if self.storage else 0.0
+
+    # -- tasks ----------------------------------------------------------------------------
+
+    def spawn(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        priority: int = 0,
+        group: str = "default",
+        delay: float = 0.0,
+        name: str | None = None,
+    ) -> Task:
+        """Queue fn(*args) on the scheduler; a coroutine result is awaited."""
+        if not self._accepting:
+            raise NotRunning(
+                "runtime is not accepting work (not started, or shutting down); "
+                "spawn tasks inside `async with Runtime(...)`"
+            )
+        task = self.scheduler.submit(
+            fn, *args, priority=priority, group=group, delay=delay, name=name
+        )
+        self._dispatch()
+        return task
+
+    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Spawn fn and wait for its result (or its exception)."""
+        task = self.spawn(fn, *args, **kwargs)
+        if not task.done():
+            done = anyio.Event()
+            task.add_done_callback(lambda _t: done.set())
+            await done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def _dispatch(self) -> None:
+        # Starting ready tasks right here saves the driver a wake-up for each submit.
+        tg = self._tg
+        if tg is None:  # stopping: nothing new starts
+            return
+        for task in self.scheduler.pop_ready():
+            tg.start_soon(self._execute, task)
+
+    async def _execute(self, task: Task) -> None:
+        t0 = time.perf_counter()
+        with anyio.CancelScope() as scope:
+            self._scopes[task] = scope
+            try:
+                result = task.fn(*task.args)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as e:
+                self.scheduler.finish(task, error=e)
+            else:
+                self.scheduler.finish(task, result=result)
+            finally:
+                del self._scopes[task]
+        if scope.cancel_called and not task.done():
+            self.scheduler.finish(task, error=Cancelled(f"task {task.name!r} was cancelled"))
+        self._tasks_run.inc()
+        self._task_latency.observe(time.perf_counter() - t0)
+        self._dispatch()
+
+    def _wake_driver(self) -> None:
+        self._wake.set()
+
+    async def _drive(self) -> None:
+        """Start tasks whose timers came due and cancel those asked to stop.
+
+        Tasks ready at submit are dispatched there and then; this loop handles the rest.
+        """
+        while True:
+            for task, scope in list(self._scopes.items()):
+                if task.cancel_requested:
+                    scope.cancel()
+            self._dispatch()
+            deadline = self.scheduler.next_deadline()
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with anyio.move_on_after(wait):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    # -- supervised components ------------------------------------------------------------
+
+    def supervise(self, name: str, component: Component, retry: RetryPolicy | None = None) -> None:
+        """Run component until stop; restart it with backoff whenever it fails."""
+        if self._tg is None:
+            raise NotRunning(f"component {name!r}: start the runtime before adding components")
+        policy = retry or RetryPolicy(max_attempts=1_000_000, initial_delay=0.1, max_delay=30.0)
+        self._tg.start_soon(self._supervise, name, component, policy, name=f"frys-{name}")
+
+    async def _supervise(self, name: str, component: Component, policy: RetryPolicy) -> None:
+        failures = 0
+        while True:
+            self.health.set(name, "ok")
+            started = time.monotonic()
+            try:
+                await component()
+            except Exception as e:
+                # A component that ran a while before failing starts its backoff afresh.
+                failures = 1 if time.monotonic() - started > 60 else failures + 1
+                delay = policy.delay(failures)
+                reason = f"{type(e).__name__}: {e}; restart {failures} in {delay:.2f} s"
+                self.health.set(name, "failed", reason)
+                log.error("component %s failed: %s", name, reason, exc_info=e)
+                await anyio.sleep(delay)
+                self.health.restarted(name)
+                continue
+            self.health.set(name, "stopped", "finished")
+            return
+
+    async def _watch_memory(self) -> None:
+        while True:
+            used, limit = rss_bytes(), self.config.memory.limit
+            if used > limit:
+                self.health.set(
+                    "memory",
+                    "degraded",
+                    f"resident memory {used / 2**20:.1f} MiB is over [memory] limit "
+                    f"{limit / 2**20:.1f} MiB",
+                )
+            else:
+                self.health.set("memory", "ok")
+            await anyio.sleep(MEMORY_POLL_SECONDS)
+
+    # -- config reload --------------------------------------------------------------------
+
+    def on_config_change(self, listener: Callable[[Config, set[str]], None]) -> None:
+        """Call listener(new_config, changed_sections) after each applied reload."""
+        self._config_listeners.append(listener)
+
+    async def _watch_config(self) -> None:
+        assert self._watcher is not None
+        while True:
+            await anyio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                new = self._watcher.poll()
+            except ConfigError as e:
+                self._refuse_reload(e)
+                continue
+            if new is not None:
+                await self.apply_config(new)
+
+    async def reload_config(self) -> bool:
+        """Re-read the config file (SIGHUP); keep the old config when the new one is bad."""
+        if self._watcher is None:
+            log.info("reload asked, but the runtime runs without a config file")
+            return False
+        try:
+            new = self._watcher.reload()
+        except ConfigError as e:
+            self._refuse_reload(e)
+            return False
+        await self.apply_config(new)
+        return True
+
+    def _refuse_reload(self, err: ConfigError) -> None:
+        self._reload_errors.inc()
+        log.error("config reload refused, keeping the running config: %s", err)
+
+    async def apply_config(self, new: LoadedConfig) -> set[str]:
+        """Swap in a validated config and tell components and plugins what changed."""
+        old = self.config
+        sections = changed_sections(old, new.config)
+        keys = changed_keys(old, new.config)
+        self.loaded = new
+        if not sections:
+            return sections
+        self._reloads.inc()
+        cfg = new.config
+        if "system" in sections:
+            configure_logging(cfg.system.log_level, cfg.system.log_format)
+        if "storage.sync" in keys and self.storage is not None:
+            self.storage.set_sync(cfg.storage.sync)
+        if "memory" in sections:
+            self.budget = budget_for(cfg.memory.limit)
+            self.cache.resize(self.budget.cache_entries)
+        later = [k for k in keys if k not in LIVE_KEYS]
+        if later:
+            log.warning("config keys that take effect at the next start: %s", ", ".join(later))
+        log.info("config reloaded; changed: %s", ", ".join(keys))
+        for listener in self._config_listeners:
+            listener(cfg, sections)
+        for plugin in list(self.plugins.values()):
+            await plugin.call("on_config_change", self, sections)
+        return sections
+
+    # -- native plugins -------------------------------------------------------------------
+
+    async def load_plugin(self, spec: str | Any, name: str | None = None) -> NativePlugin:
+        """Load a native plugin while running: init, then on_load."""
+        if isinstance(spec, str):
+            found, obj = resolve_plugin(spec)
+            name = name or found
+        else:
+            obj = spec
+            name = name or getattr(obj, "NAME", None) or getattr(obj, "__name__", repr(obj))
+        assert name is not None
+        if name in self.plugins:
+            raise PluginError(f"plugin {name!r} is already loaded; unload it first")
+        plugin = NativePlugin(name, obj)
+        try:
+            await plugin.call("init", self)
+            await plugin.call("on_load", self)
+        except Exception as e:
+            await plugin.call("cleanup", self)
+            raise PluginError(f"plugin {name!r} failed to load: {type(e).__name__}: {e}") from e
+        self.plugins[name] = plugin
+        self.health.set(f"plugin:{name}", "ok")
+        log.info("plugin %s loaded", name)
+        return plugin
+
+    async def unload_plugin(self, name: str) -> None:
+        """Unload a native plugin while running: on_unload, then cleanup."""
+        plugin = self.plugins.pop(name, None)
+        if plugin is None:
+            raise PluginError(f"plugin {name!r} is not loaded; loaded: {sorted(self.plugins)}")
+        try:
+            await plugin.call("on_unload", self)
+        finally:
+            await plugin.call("cleanup", self)
+            self.health.remove(f"plugin:{name}")
+        log.info("plugin %s unloaded", name)
+
+
+async def serve(rt: Runtime, ready: Callable[[], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT (SIGHUP reloads config); returns the exit code."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with anyio.open_signal_receiver(*signals) as received:
+        async with rt:
+            if ready is not None:
+                ready()
+            async for sig in received:
+                if sig == signal.SIGHUP:
+                    await rt.reload_config()
+                    continue
+                log.info("received %s, draining (a second signal exits at once)", sig.name)
+                assert rt._tg is not None
+                rt._tg.start_soon(_exit_on_second_signal, received)
+                break
+    return 0
+
+
+async def _exit_on_second_signal(received: Any) -> None:
+    async for sig in received:
+        if sig != signal.SIGHUP:
+            log.warning("second %s: exiting now", sig.name)
+            logging.shutdown()
+            os._exit(1)

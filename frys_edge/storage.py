@@ -1,0 +1,563 @@
+"""Storage: the only module that speaks SQL; one SQLite file in WAL mode under the data dir.
+
+It owns the key-value store, the append-only event log, schema migrations, the data-dir
+lock, group commit and backups. It knows nothing of workflows, plugins or the event loop's
+users; callers hand it plain values that msgspec can encode as JSON.
+
+Durability contract (also in the README):
+- ``sync="full"``: ``synchronous=FULL``. A write whose call returned survives power loss.
+- ``sync="normal"``: ``synchronous=NORMAL``. A write whose call returned survives a crash or
+  kill of the process; on power loss the last few transactions may be lost, never half of one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from frys_edge.core import FrysError, Pool
+
+DB_FILE = "frys.db"
+LOCK_FILE = "frys.lock"
+MAX_BATCH = 2000
+
+# Each entry upgrades the schema by one version; PRAGMA user_version records where a file is.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE kv (
+        namespace TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (namespace, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX events_topic ON events (topic, seq);
+    """,
+)
+
+Sync = Literal["normal", "full"]
+# A write operation: ("put", ns, key, json, now) | ("cas", ns, key, json, now, expected)
+# | ("delete", ns, key) | ("append", topic, json, now). Tuples keep the hot path cheap.
+Op = tuple[Any, ...]
+
+
+class StorageError(FrysError):
+    """Something went wrong with the data dir or its SQLite file."""
+
+
+class DataDirLocked(StorageError):
+    """Another process holds the data dir."""
+
+
+class VersionConflict(StorageError):
+    """A compare-and-set found another version than the one expected."""
+
+    def __init__(self, namespace: str, key: str, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        state = "does not exist" if actual == 0 else f"is at version {actual}"
+        super().__init__(
+            f"kv {namespace}/{key}: expected version {expected} but it {state}; "
+            "read it again and retry"
+        )
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One key-value item."""
+
+    namespace: str
+    key: str
+    value: Any
+    version: int
+    updated_at: float
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One record of the durable event log."""
+
+    seq: int
+    topic: str
+    payload: Any
+    ts: float
+
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+def encode_value(value: Any) -> str:
+    """Encode a value as the JSON text stored in a column."""
+    try:
+        return _encode(value).decode()
+    except (TypeError, msgspec.EncodeError) as e:
+        raise StorageError(f"cannot store a value of type {type(value).__name__}: {e}") from e
+
+
+def describe_error(path: Path, err: sqlite3.Error, doing: str) -> StorageError:
+    """Turn a sqlite3 error into a StorageError that says what happened and what to do."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return StorageError(
+            f"{path}: disk full while {doing} (SQLITE_FULL); free space on the device or "
+            "raise [storage] max_size; the write was not applied"
+        )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StorageError(
+            f"{path}: the database file is corrupt ({err}) while {doing}; refusing to use it. "
+            "Run `frys db check` to see the damage and restore the file from a backup "
+            "(`frys db backup` makes them)"
+        )
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StorageError(
+            f"{path}: database is locked by another connection while {doing}; another "
+            "process is writing to it. Stop it, or raise [storage] busy_timeout"
+        )
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return StorageError(
+            f"{path}: cannot write ({err}) while {doing}; make the data dir and its files "
+            "writable by this user, or point [system] data_dir elsewhere"
+        )
+    return StorageError(f"{path}: SQLite error while {doing}: {err}")
+
+
+class Storage:
+    """The data dir's SQLite database: one writer connection, pooled readers."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        sync: Sync = "normal",
+        busy_timeout: float = 5.0,
+        readers: int = 4,
+        max_size: int | None = None,
+        cache_kib: int = 2048,
+        readonly: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / DB_FILE
+        self.sync = sync
+        self.busy_timeout = busy_timeout
+        self.readonly = readonly
+        self.cache_kib = cache_kib
+        self.commits = 0
+        self.writes = 0
+        self._lock_fd: int | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()
+        self._batch: _Batch | None = None
+        self._commit_lock: anyio.Lock | None = None
+        self._open(max_size)
+        self._readers: Pool = Pool(
+            self._connect_reader, readers, name="sqlite-readers", close=_close_connection
+        )
+
+    # -- opening and closing ------------------------------------------------------------
+
+    def _open(self, max_size: int | None) -> None:
+        if self.readonly:
+            if not self.path.exists():
+                raise StorageError(
+                    f"{self.path}: no database here yet; check [system] data_dir or "
+                    "FRYS_SYSTEM_DATA_DIR, or start `frys run` once to create it"
+                )
+            self._check_readable()
+            return
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"{self.data_dir}: cannot create the data dir ({e.strerror}); create it or "
+                "point [system] data_dir elsewhere"
+            ) from e
+        self._take_lock()
+        try:
+            self._writer = self._connect(self.path)
+            self._configure_writer(max_size)
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        lock_path = self.data_dir / LOCK_FILE
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(
+                f"{lock_path}: cannot open the lock file ({e.strerror}); make the data dir "
+                "writable by this user, or point [system] data_dir elsewhere"
+            ) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirLocked(
+                f"{self.data_dir}: data dir is in use by another frys process (pid {holder}); "
+                "stop it first, or give this one another [system] data_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                target,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self.busy_timeout,
+                uri=uri,
+            )
+        except sqlite3.Error as e:
+            raise describe_error(self.path, e, "opening the database") from e
+        return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = self._connect(f"file:{self.path}?mode=ro", uri=True)
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute(f"PRAGMA cache_size = -{self.cache_kib}")
+        return conn
+
+    def _configure_writer(self, max_size: int | None) -> None:
+        w = self._writer
+        assert w is not None
+        try:
+            mode = w.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StorageError(
+                    f"{self.path}: SQLite refused WAL mode (got {mode!r}); the file system "
+                    "may not support shared memory; use a local disk for the data dir"
+                )
+            w.execute(f"PRAGMA synchronous = {self.sync.upper()}")
+            w.execute(f"PRAGMA cache_size = -{self.cache_kib}")
+            if max_size is not None:
+                page_size = w.execute("PRAGMA page_size").fetchone()[0]
+                w.execute(f"PRAGMA max_page_count = {max(1, max_size // page_size)}")
+        except sqlite3.Error as e:
+            raise describe_error(self.path, e, "opening the database") from e
+
+    def _migrate(self) -> None:
+        w = self._writer
+        assert w is not None
+        try:
+            current = w.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(MIGRATIONS):
+                raise StorageError(
+                    f"{self.path}: schema version {current} is newer than this frys "
+                    f"understands ({len(MIGRATIONS)}); upgrade frys or restore an older backup"
+                )
+            for version in range(current, len(MIGRATIONS)):
+                # executescript commits whatever is open, so the transaction is in the script.
+                w.executescript(
+                    f"BEGIN IMMEDIATE; {MIGRATIONS[version]}"
+                    f" PRAGMA user_version = {version + 1}; COMMIT;"
+                )
+        except sqlite3.Error as e:
+            if w.in_transaction:
+                w.execute("ROLLBACK")
+            raise describe_error(self.path, e, "reading the schema") from e
+
+    def _check_readable(self) -> None:
+        try:
+            conn = self._connect_reader()
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            raise describe_error(self.path, e, "opening the database") from e
+
+    def set_sync(self, sync: Sync) -> None:
+        """Change the durability level of later commits."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.execute(f"PRAGMA synchronous = {sync.upper()}")
+            self.sync = sync
+
+    def close(self) -> None:
+        """Close every connection and release the data-dir lock."""
+        if hasattr(self, "_readers"):
+            self._readers.close_all()
+        if self._writer is not None:
+            with self._write_lock:
+                self._writer.close()
+                self._writer = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads (any thread) -------------------------------------------------------------
+
+    @contextmanager
+    def _reader(self, doing: str) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._readers.item(timeout=self.busy_timeout) as conn:
+                yield conn
+        except sqlite3.Error as e:
+            raise describe_error(self.path, e, doing) from e
+
+    def get(self, namespace: str, key: str) -> Entry | None:
+        """Return the entry at namespace/key, or None."""
+        with self._reader("reading kv") as conn:
+            row = conn.execute(
+                "SELECT value, version, updated_at FROM kv WHERE namespace = ? AND key = ?",
+                (namespace, key),
+            ).fetchone()
+        if row is None:
+            return None
+        return Entry(namespace, key, _decode(row[0]), row[1], row[2])
+
+    def list_prefix(
+        self, namespace: str, prefix: str = "", *, after: str = "", limit: int = 1000
+    ) -> list[Entry]:
+        """Entries whose key starts with prefix, in key order, after the key `after`."""
+        # Range scan on the primary key; the upper bound is the prefix with its last char bumped.
+        lower = max(prefix, after)
+        sql = (
+            "SELECT key, value, version, updated_at FROM kv WHERE namespace = ? AND key >= ?"
+            " AND key > ?"
+        )
+        args: list[Any] = [namespace, lower, after]
+        if prefix:
+            sql += " AND key < ?"
+            args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        sql += " ORDER BY key LIMIT ?"
+        args.append(limit)
+        with self._reader("listing kv") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [Entry(namespace, r[0], _decode(r[1]), r[2], r[3]) for r in rows]
+
+    def events(self, after: int = 0, *, topic: str | None = None, limit: int = 1000) -> list[Event]:
+        """Events with a sequence number above `after`, oldest first."""
+        sql = "SELECT seq, topic, payload, ts FROM events WHERE seq > ?"
+        args: list[Any] = [after]
+        if topic is not None:
+            sql += " AND topic = ?"
+            args.append(topic)
+        sql += " ORDER BY seq LIMIT ?"
+        args.append(limit)
+        with self._reader("reading events") as conn:
+            rows = conn.execute(sql, args).fetchall()
+        return [Event(r[0], r[1], _decode(r[2]), r[3]) for r in rows]
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event, 0 when the log is empty."""
+        with self._reader("reading events") as conn:
+            row = conn.execute("SELECT max(seq) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and pool state for metrics and health."""
+        return {
+            "path": str(self.path),
+            "sync": self.sync,
+            "commits": self.commits,
+            "writes": self.writes,
+            "readers": self._readers.stats(),
+        }
+
+    # -- writes (any thread; one transaction per call) -----------------------------------
+
+    def write(self, ops: Sequence[Op]) -> list[Any]:
+        """Apply ops in one transaction and return one result per op.
+
+        Results: put -> new version; cas -> (applied, version now stored, 0 when missing);
+        delete -> whether it existed; append -> the event's sequence number; trim -> count.
+        """
+        if self._writer is None:
+            raise StorageError(f"{self.path}: storage is closed or was opened read-only")
+        with self._write_lock:
+            w = self._writer
+            try:
+                w.execute("BEGIN IMMEDIATE")
+                results = [self._apply(w, op) for op in ops]
+                w.execute("COMMIT")
+            except sqlite3.Error as e:
+                if w.in_transaction:
+                    w.execute("ROLLBACK")
+                raise describe_error(self.path, e, "writing") from e
+            self.commits += 1
+            self.writes += len(ops)
+            return results
+
+    @staticmethod
+    def _apply(w: sqlite3.Connection, op: Op) -> Any:
+        kind = op[0]
+        if kind == "put":
+            return w.execute(
+                "INSERT INTO kv (namespace, key, value, version, updated_at)"
+                " VALUES (?, ?, ?, 1, ?) ON CONFLICT (namespace, key) DO UPDATE SET"
+                " value = excluded.value, version = kv.version + 1,"
+                " updated_at = excluded.updated_at RETURNING version",
+                op[1:5],
+            ).fetchone()[0]
+        if kind == "append":
+            return w.execute(
+                "INSERT INTO events (topic, payload, ts) VALUES (?, ?, ?) RETURNING seq", op[1:4]
+            ).fetchone()[0]
+        if kind == "delete":
+            return w.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", op[1:3]).rowcount > 0
+        if kind == "cas":
+            return Storage._cas(w, op)
+        if kind == "trim":
+            return w.execute("DELETE FROM events WHERE seq <= ?", (op[1],)).rowcount
+        raise StorageError(f"unknown storage operation {kind!r}")
+
+    @staticmethod
+    def _cas(w: sqlite3.Connection, op: Op) -> tuple[bool, int]:
+        _, ns, key, value, now, expected = op
+        if expected == 0:
+            row = w.execute(
+                "INSERT INTO kv (namespace, key, value, version, updated_at)"
+                " VALUES (?, ?, ?, 1, ?) ON CONFLICT DO NOTHING RETURNING version",
+                (ns, key, value, now),
+            ).fetchone()
+        else:
+            row = w.execute(
+                "UPDATE kv SET value = ?, version = version + 1, updated_at = ?"
+                " WHERE namespace = ? AND key = ? AND version = ? RETURNING version",
+                (value, now, ns, key, expected),
+            ).fetchone()
+        if row is not None:
+            return True, row[0]
+        actual = w.execute(
+            "SELECT version FROM kv WHERE namespace = ? AND key = ?", (ns, key)
+        ).fetchone()
+        return False, actual[0] if actual else 0
+
+    # -- async writes with group commit ---------------------------------------------------
+
+    async def _submit(self, op: Op) -> Any:
+        """Queue op into the open batch; the batch's leader commits it for everyone."""
+        batch = self._batch
+        if batch is None or len(batch.ops) >= MAX_BATCH:
+            batch = self._batch = _Batch()
+            leader = True
+        else:
+            leader = False
+        index = len(batch.ops)
+        batch.ops.append(op)
+        if leader:
+            # Shielded: followers wait on this batch, so the leader must finish it.
+            with anyio.CancelScope(shield=True):
+                await self._commit(batch)
+        else:
+            await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results[index]
+
+    async def _commit(self, batch: _Batch) -> None:
+        # One trip through the event loop lets concurrent writers join this batch.
+        await anyio.lowlevel.checkpoint()
+        if self._commit_lock is None:
+            self._commit_lock = anyio.Lock()
+        async with self._commit_lock:
+            if self._batch is batch:
+                self._batch = None
+            try:
+                if self.sync == "full":
+                    # fsync takes milliseconds: keep it off the event loop.
+                    batch.results = await anyio.to_thread.run_sync(self.write, batch.ops)
+                else:
+                    # A NORMAL commit in WAL mode writes the WAL without fsync: cheaper inline
+                    # than the thread hand-off it would need.
+                    batch.results = self.write(batch.ops)
+            except StorageError as e:
+                batch.error = e
+            batch.done.set()
+
+    async def put(self, namespace: str, key: str, value: Any) -> int:
+        """Store value at namespace/key; returns the new version once committed."""
+        return await self._submit(("put", namespace, key, encode_value(value), time.time()))  # type: ignore[no-any-return]
+
+    async def delete(self, namespace: str, key: str) -> bool:
+        """Delete namespace/key; returns whether it existed."""
+        return await self._submit(("delete", namespace, key))  # type: ignore[no-any-return]
+
+    async def compare_and_set(self, namespace: str, key: str, value: Any, expected: int) -> int:
+        """Store value only if the entry is at version `expected` (0: must not exist)."""
+        op = ("cas", namespace, key, encode_value(value), time.time(), expected)
+        ok, version = await self._submit(op)
+        if not ok:
+            raise VersionConflict(namespace, key, expected, version)
+        return version  # type: ignore[no-any-return]
+
+    async def append(self, topic: str, payload: Any) -> int:
+        """Append an event to the durable log; returns its sequence number."""
+        return await self._submit(("append", topic, encode_value(payload), time.time()))  # type: ignore[no-any-return]
+
+    async def trim_events(self, up_to: int) -> int:
+        """Delete events with seq <= up_to; returns how many went."""
+        return await self._submit(("trim", up_to))  # type: ignore[no-any-return]
+
+    # -- maintenance ---------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Run PRAGMA integrity_check; returns ["ok"] for a sound file, else the damage."""
+        with self._readers.item(timeout=self.busy_timeout) as conn:
+            try:
+                return [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall()]
+            except sqlite3.DatabaseError as e:
+                # Damage bad enough that the check itself cannot finish is still its answer.
+                return [f"integrity check stopped: {e}"]
+
+    def backup(self, dest: str | os.PathLike[str]) -> Path:
+        """Write a consistent snapshot to dest (atomically, via a temp file and rename)."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / DB_FILE
+        tmp = dest.with_name(dest.name + ".tmp")
+        try:
+            with self._reader("backing up") as conn:
+                target = sqlite3.connect(tmp)
+                try:
+                    conn.backup(target)
+                    target.execute("PRAGMA journal_mode = DELETE")
+                finally:
+                    target.close()
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{dest}: cannot write the backup ({e.strerror})") from e
+        return dest
+
+
+class _Batch:
+    __slots__ = ("done", "error", "ops", "results")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.results: list[Any] = []
+        self.error: StorageError | None = None
+        self.done = anyio.Event()
+
+
+def _close_connection(conn: sqlite3.Connection) -> None:
+    conn.close()

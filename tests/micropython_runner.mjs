@@ -1,0 +1,59 @@
+// Runs every check_* in tests/core_checks.py against frys_edge/core.py on MicroPython
+// (the WebAssembly port from npm), printing "ok NAME" or "FAIL NAME: ERROR" per check and a
+// summary line. Exits non-zero when a check fails or the checks cannot run.
+// Usage: npm ci && node tests/micropython_runner.mjs
+
+import { readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+
+const DRIVER = `
+import io
+import sys
+
+sys.path.insert(0, "/frys")
+import core_checks
+
+_names = sorted(name for name in dir(core_checks) if name.startswith("check_"))
+_failed = 0
+for _name in _names:
+    try:
+        getattr(core_checks, _name)()
+    except Exception as exc:
+        _failed += 1
+        _trace = io.StringIO()
+        sys.print_exception(exc, _trace)
+        print("FAIL " + _name + ": " + repr(exc))
+        for _line in _trace.getvalue().splitlines():
+            print("    " + _line)
+    else:
+        print("ok " + _name)
+print("micropython " + sys.version.split(";")[-1].strip())
+print(str(len(_names) - _failed) + " passed, " + str(_failed) + " failed")
+`;
+
+const output = [];
+const mp = await loadMicroPython({
+  heapsize: 32 * 1024 * 1024,
+  stdout: (line) => output.push(line),
+  stderr: (line) => output.push(line),
+});
+mp.FS.mkdir("/frys");
+mp.FS.writeFile("/frys/core.py", readFileSync(join(root, "frys_edge", "core.py"), "utf8"));
+mp.FS.writeFile("/frys/core_checks.py", readFileSync(join(root, "tests", "core_checks.py"), "utf8"));
+
+let crashed = null;
+try {
+  mp.runPython(DRIVER);
+} catch (error) {
+  crashed = error;
+}
+process.stdout.write(output.map((line) => line + "\n").join(""));
+if (crashed !== null) {
+  process.stdout.write(`ERROR the checks could not run: ${crashed.message}\n`);
+  process.exit(2);
+}
+process.exit(output.some((line) => line.startsWith("FAIL ")) ? 1 : 0);

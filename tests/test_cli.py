@@ -1,0 +1,171 @@
+"""The `frys` command line, run as a real process: exit codes, messages, round trips."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, clean_env, frys
+
+import frys_edge
+
+
+def write_config(tmp_path: Path, body: str = "") -> Path:
+    path = tmp_path / "frys.toml"
+    path.write_text(f'[system]\ndata_dir = "{tmp_path / "data"}"\n{body}')
+    return path
+
+
+def test_version_prints_the_package_version() -> None:
+    result = frys("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"frys {frys_edge.__version__}"
+
+
+def test_usage_error_exits_2_with_help() -> None:
+    result = frys("kv", "frobnicate")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    for args in (
+        ["run"],
+        ["config", "check"],
+        ["config", "show"],
+        ["kv", "put"],
+        ["kv", "get"],
+        ["kv", "list"],
+        ["kv", "delete"],
+        ["db", "check"],
+        ["db", "backup"],
+        ["bench"],
+    ):
+        result = frys(*args, "--help")
+        assert result.returncode == 0, args
+        assert "example:" in result.stdout, args
+
+
+def test_config_check_accepts_the_shipped_example() -> None:
+    result = frys("config", "check", str(ROOT / "examples" / "frys.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_config_check_wrong_type_exits_2_and_names_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, 'threads = "four"\n')
+    result = frys("config", "check", str(path))
+    assert result.returncode == 2
+    assert "system.threads" in result.stderr
+    assert "int" in result.stderr
+    assert "frys.toml:3" in result.stderr
+
+
+def test_config_check_syntax_error_exits_2_and_gives_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "frys.toml"
+    path.write_text('[system]\nlog_level = "info"\nthreads = = 4\n')
+    result = frys("config", "check", str(path))
+    assert result.returncode == 2
+    assert "frys.toml:3: TOML syntax error" in result.stderr
+
+
+def test_config_check_reports_every_problem_at_once(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path, 'log_level = "loud"\nthreds = 2\n[network]\nport = 99999\n[bogus]\nx = 1\n'
+    )
+    result = frys("config", "check", str(path))
+    assert result.returncode == 2
+    for needle in ("system.log_level", "threds", "threads", "network.port", "bogus"):
+        assert needle in result.stderr, needle
+
+
+def test_config_check_missing_file_exits_2(tmp_path: Path) -> None:
+    result = frys("config", "check", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr
+
+
+def test_config_check_includes_bad_environment(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    result = frys("config", "check", str(path), env=clean_env(FRYS_MEMORY_LIMIT="lots"))
+    assert result.returncode == 2
+    assert "FRYS_MEMORY_LIMIT" in result.stderr and "memory.limit" in result.stderr
+
+
+def test_config_show_names_the_source_of_each_value(tmp_path: Path) -> None:
+    path = write_config(tmp_path, "threads = 2\n")
+    env = clean_env(FRYS_NETWORK_PORT="9000", FRYS_MEMORY_LIMIT="64MB")
+    result = frys("config", "show", "-c", str(path), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["system.threads"]["source"].startswith("file:")
+    assert shown["network.port"]["source"] == "env:FRYS_NETWORK_PORT"
+    assert shown["network.host"]["source"] == "default"
+    text = frys("config", "show", "-c", str(path), env=env).stdout
+    assert "[network]" in text and "port = 9000" in text
+
+
+def test_kv_round_trip_through_the_data_dir(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    put = frys("kv", "put", "-c", str(path), "greeting", '{"text": "hello"}')
+    assert put.returncode == 0, put.stderr
+    get = frys("kv", "get", "-c", str(path), "greeting")
+    assert get.returncode == 0, get.stderr
+    assert json.loads(get.stdout) == {"text": "hello"}
+    assert frys("kv", "put", "-c", str(path), "plain", "not json").returncode == 0
+    listed = frys("kv", "list", "-c", str(path)).stdout.splitlines()
+    assert listed == ['greeting\t{"text": "hello"}', 'plain\t"not json"']
+    assert frys("kv", "delete", "-c", str(path), "plain").returncode == 0
+    missing = frys("kv", "get", "-c", str(path), "plain")
+    assert missing.returncode == 1 and "no key 'plain'" in missing.stderr
+
+
+def test_kv_honours_frys_system_data_dir(tmp_path: Path) -> None:
+    env = clean_env(FRYS_SYSTEM_DATA_DIR=str(tmp_path / "envdata"))
+    assert frys("kv", "put", "n", "42", env=env).returncode == 0
+    assert (tmp_path / "envdata" / "frys.db").exists()
+    assert frys("kv", "get", "n", env=env).stdout.strip() == "42"
+
+
+def test_kv_get_on_a_fresh_dir_explains(tmp_path: Path) -> None:
+    result = frys("kv", "get", "--data-dir", str(tmp_path / "none"), "k")
+    assert result.returncode == 1
+    assert "no database here yet" in result.stderr
+
+
+def test_db_check_and_backup(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    frys("kv", "put", "-c", str(path), "k", "1")
+    check = frys("db", "check", "-c", str(path))
+    assert check.returncode == 0 and "ok" in check.stdout
+    backup = frys("db", "backup", "-c", str(path), str(tmp_path / "snap.db"))
+    assert backup.returncode == 0, backup.stderr
+    assert (tmp_path / "snap.db").stat().st_size > 0
+
+
+def test_run_serves_until_sigterm_and_refuses_a_second_writer(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frys_edge.cli", "run", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while "running" not in line:
+            assert line, "frys run exited before it was ready"
+            line = proc.stderr.readline()
+        second = frys("kv", "put", "-c", str(path), "k", "1")
+        assert second.returncode == 1
+        assert "in use by another frys process" in second.stderr
+        # Reads do not need the lock.
+        assert frys("kv", "list", "-c", str(path)).returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()

@@ -1,0 +1,218 @@
+"""Storage: KV, event log, group commit, and every bad condition a device meets."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import sqlite_utils
+
+from frys_edge.storage import DB_FILE, DataDirLocked, Storage, StorageError, VersionConflict
+
+
+def test_kv_round_trip_with_versions(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            assert await s.put("ns", "a", {"x": 1}) == 1
+            assert await s.put("ns", "a", {"x": 2}) == 2
+            entry = s.get("ns", "a")
+            assert entry is not None
+            assert (entry.value, entry.version) == ({"x": 2}, 2)
+            assert s.get("other", "a") is None
+            assert await s.delete("ns", "a") is True
+            assert await s.delete("ns", "a") is False
+            assert s.get("ns", "a") is None
+
+    anyio.run(main)
+
+
+def test_list_by_prefix_in_key_order_with_paging(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            for key in ["sensor/b", "sensor/a", "sensorx", "alarm/1", "sensor/c"]:
+                await s.put("ns", key, key)
+            keys = [e.key for e in s.list_prefix("ns", "sensor/")]
+            assert keys == ["sensor/a", "sensor/b", "sensor/c"]
+            page = [e.key for e in s.list_prefix("ns", "sensor/", after="sensor/a", limit=1)]
+            assert page == ["sensor/b"]
+            assert len(s.list_prefix("ns")) == 5
+
+    anyio.run(main)
+
+
+def test_compare_and_set_applies_only_at_the_expected_version(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            assert await s.compare_and_set("ns", "k", "first", expected=0) == 1
+            with pytest.raises(VersionConflict, match="expected version 0 but it is at version 1"):
+                await s.compare_and_set("ns", "k", "again", expected=0)
+            assert await s.compare_and_set("ns", "k", "second", expected=1) == 2
+            with pytest.raises(VersionConflict) as err:
+                await s.compare_and_set("ns", "k", "stale", expected=1)
+            assert err.value.actual == 2
+            entry = s.get("ns", "k")
+            assert entry is not None and entry.value == "second"
+
+    anyio.run(main)
+
+
+def test_event_log_has_increasing_sequence_numbers(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            seqs = [await s.append("sensors/1/temp", {"c": i}) for i in range(5)]
+            await s.append("alerts/x", "hot")
+            assert seqs == sorted(seqs) and len(set(seqs)) == 5
+            assert [e.payload for e in s.events(after=seqs[2])][:2] == [{"c": 3}, {"c": 4}]
+            assert [e.payload for e in s.events(topic="alerts/x")] == ["hot"]
+            assert s.last_seq() == seqs[-1] + 1
+            assert await s.trim_events(seqs[-1]) == 5
+            assert [e.topic for e in s.events()] == ["alerts/x"]
+
+    anyio.run(main)
+
+
+def test_concurrent_writers_share_commits(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            async with anyio.create_task_group() as tg:
+                for w in range(50):
+                    for i in range(20):
+                        tg.start_soon(s.put, "ns", f"w{w}-{i}", i)
+            assert s.writes == 1000
+            assert s.commits < 100, "group commit should gather concurrent writes"
+            assert len(s.list_prefix("ns", limit=5000)) == 1000
+
+    anyio.run(main)
+
+
+def test_full_sync_commits_off_the_loop_and_persists(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir, sync="full") as s:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(s.put, "ns", f"k{i}", i)
+        with Storage(data_dir) as s:
+            assert len(s.list_prefix("ns")) == 20
+
+    anyio.run(main)
+
+
+def test_values_survive_reopen_and_are_plain_sqlite(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            await s.put("cfg", "greeting", {"text": "hello", "n": [1, 2]})
+            await s.append("boot", {"ok": True})
+
+    anyio.run(main)
+    db = sqlite_utils.Database(data_dir / DB_FILE)
+    rows = list(db["kv"].rows)
+    assert rows[0]["namespace"] == "cfg" and rows[0]["key"] == "greeting"
+    assert rows[0]["value"] == '{"text":"hello","n":[1,2]}'
+    assert [r["topic"] for r in db["events"].rows] == ["boot"]
+
+
+def test_second_storage_on_the_same_data_dir_is_refused(data_dir: Path) -> None:
+    with Storage(data_dir):
+        with pytest.raises(DataDirLocked, match=f"pid {os.getpid()}"):
+            Storage(data_dir)
+        code = f"from frys_edge.storage import Storage; Storage({str(data_dir)!r})"
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert other.returncode == 1
+        assert "in use by another frys process" in other.stderr
+    Storage(data_dir).close()
+
+
+def test_disk_full_is_reported_and_nothing_half_written(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir, max_size=64 * 1024) as s:
+            await s.put("ns", "small", "kept")
+            with pytest.raises(StorageError, match="disk full") as err:
+                for i in range(1000):
+                    await s.put("ns", f"big{i}", "x" * 4000)
+            assert "SQLITE_FULL" in str(err.value)
+            entry = s.get("ns", "small")
+            assert entry is not None and entry.value == "kept"
+            assert s.check() == ["ok"]
+
+    anyio.run(main)
+
+
+def test_corrupt_file_refuses_to_start_and_names_the_fix(data_dir: Path) -> None:
+    data_dir.mkdir()
+    (data_dir / DB_FILE).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageError) as err:
+        Storage(data_dir)
+    message = str(err.value)
+    assert str(data_dir / DB_FILE) in message
+    assert "corrupt" in message and "frys db check" in message
+
+
+def test_integrity_check_finds_damaged_pages(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            for i in range(2000):
+                await s.put("ns", f"key{i:05d}", "v" * 100)
+
+    anyio.run(main)
+    path = data_dir / DB_FILE
+    assert path.stat().st_size > 100_000
+    with open(path, "r+b") as f:
+        f.seek(4096 * 10)
+        f.write(os.urandom(4096 * 5))
+    with Storage(data_dir, readonly=True) as s:
+        assert s.check() != ["ok"]
+
+
+def test_locked_database_says_who_to_stop(data_dir: Path) -> None:
+    with Storage(data_dir, busy_timeout=0.1) as s:
+        blocker = sqlite3.connect(data_dir / DB_FILE, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StorageError, match="locked by another connection"):
+                anyio.run(s.put, "ns", "k", 1)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert anyio.run(s.put, "ns", "k", 1) == 1
+
+
+def test_read_only_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    # Root ignores file modes, so as root the data dir sits on a read-only tmpfs instead.
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", readonly], check=True)
+    else:
+        os.chmod(readonly, 0o555)
+    try:
+        with pytest.raises(StorageError) as err:
+            Storage(readonly / "data")
+    finally:
+        if as_root:
+            subprocess.run(["umount", readonly], check=True)
+    assert "cannot create the data dir" in str(err.value)
+    assert "point [system] data_dir elsewhere" in str(err.value)
+
+
+def test_backup_is_a_consistent_standalone_copy(data_dir: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            for i in range(100):
+                await s.put("ns", f"k{i}", i)
+            dest = s.backup(tmp_path / "snap.db")
+        copy = sqlite3.connect(dest)
+        assert copy.execute("SELECT count(*) FROM kv").fetchone()[0] == 100
+        assert copy.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    anyio.run(main)
+
+
+def test_values_that_are_not_json_are_refused(data_dir: Path) -> None:
+    with Storage(data_dir) as s, pytest.raises(StorageError, match="cannot store a value"):
+        anyio.run(s.put, "ns", "k", object())
