@@ -161,6 +161,29 @@ async def bench_dispatch(rt: Runtime, n: int) -> float:
     return time.perf_counter() - t0
 
 
+async def floor_asyncio_gather(n: int) -> float:
+    t0 = time.perf_counter()
+    await asyncio.gather(*[asyncio.create_task(_noop()) for _ in range(n)])
+    return time.perf_counter() - t0
+
+
+async def bench_spawn_all(rt: Runtime, n: int) -> float:
+    done = asyncio.get_running_loop().create_future()
+    left = n
+
+    def finished(_task: Any) -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            done.set_result(None)
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        rt.spawn(_noop).add_done_callback(finished)
+    await done
+    return time.perf_counter() - t0
+
+
 async def bench_kv_put(store: Storage, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):
@@ -169,9 +192,12 @@ async def bench_kv_put(store: Storage, n: int) -> float:
 
 
 async def bench_group_commit(store: Storage, writers: int, each: int) -> float:
+    # New keys each round, like the floor's batched insert; overwrites cost SQLite more.
+    round_ = store.writes
+
     async def writer(w: int) -> None:
         for i in range(each):
-            await store.put("group", f"w{w}-{i}", {"v": i})
+            await store.put("group", f"{round_}-w{w}-{i}", {"v": i})
 
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -219,9 +245,11 @@ async def _async_results(tmp: Path, quick: bool) -> list[Result]:
 
     floor_task = await amedian_per_op(floor_asyncio_task, n, rounds)
     floor_queue = await amedian_per_op(floor_asyncio_queue, n, rounds)
+    floor_gather = await amedian_per_op(floor_asyncio_gather, n, rounds)
     cfg = Config(system=SystemConfig(data_dir=str(tmp / "rt")))
     async with Runtime(cfg) as rt:
         dispatch = await amedian_per_op(lambda k: bench_dispatch(rt, k), n, rounds)
+        spawn_all = await amedian_per_op(lambda k: bench_spawn_all(rt, k), n, rounds)
         handler = await amedian_per_op(lambda k: bench_bus_handler(rt, k), n, rounds)
     out.append(
         Result(
@@ -232,6 +260,17 @@ async def _async_results(tmp: Path, quick: bool) -> list[Result]:
             floor_task * 1e6,
             "≤ 1.5x floor",
             dispatch <= 1.5 * floor_task,
+        )
+    )
+    out.append(
+        Result(
+            "scheduler: spawn N tasks, wait for all",
+            spawn_all * 1e6,
+            "µs",
+            "asyncio create_task x N + gather",
+            floor_gather * 1e6,
+            "≤ 1.5x floor",
+            spawn_all <= 1.5 * floor_gather,
         )
     )
     bus = median_per_op(bench_bus, n, rounds)

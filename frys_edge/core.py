@@ -245,6 +245,7 @@ class Scheduler:
         # run()'s own state: coroutines asleep, and coroutines ready to be resumed.
         self._sleepers = []  # type: list[tuple[float, int, Task, _Suspend]]
         self._runnable = []  # type: list[Task]
+        self._cancel_requests = []  # type: list[Task]  # running tasks asked to stop
         for name, limit in (groups or {}).items():
             self.set_group_limit(name, limit)
 
@@ -314,10 +315,16 @@ class Scheduler:
         if not task.cancel_requested:
             task.cancel_requested = True
             task._throw = Cancelled(f"task {task.id} ({task.name}) was cancelled while running")
+            self._cancel_requests.append(task)
             if task._blocker is not None:
                 self._resume(task, task._blocker)
             self._wake()
         return True
+
+    def take_cancel_requests(self) -> "list[Task]":
+        """Running tasks asked to stop since the last call; an external driver stops them."""
+        requests, self._cancel_requests = self._cancel_requests, []
+        return requests
 
     def pop_ready(self, now: "float | None" = None) -> "list[Task]":
         """Mark as running and return every task allowed to start now, in priority order."""
@@ -419,6 +426,8 @@ class Scheduler:
             if stop_at is not None and now >= stop_at:
                 return False
             progressed = False
+            # Own-loop tasks get Cancelled thrown in on resume; no driver needs the list.
+            self._cancel_requests = []
             for task in self.pop_ready(now):
                 self._start(task)
                 progressed = True

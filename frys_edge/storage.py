@@ -1,8 +1,9 @@
 """Storage: the only module that speaks SQL; one SQLite file in WAL mode under the data dir.
 
 It owns the key-value store, the append-only event log, schema migrations, the data-dir
-lock, group commit and backups. It knows nothing of workflows, plugins or the event loop's
-users; callers hand it plain values that msgspec can encode as JSON.
+lock, group commit and backups. It knows nothing of workflows or plugins; callers hand it
+plain values that msgspec can encode as JSON. Reads and `write` work from any thread; the
+async writes group-commit on the running asyncio loop (anyio's asyncio backend, or Pyodide's).
 
 Durability contract (also in the README):
 - ``sync="full"``: ``synchronous=FULL``. A write whose call returned survives power loss.
@@ -12,18 +13,18 @@ Durability contract (also in the README):
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
-import anyio.lowlevel
 import msgspec
 
 from frys_edge.core import FrysError, Pool
@@ -163,8 +164,10 @@ class Storage:
         self._lock_fd: int | None = None
         self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
-        self._batch: _Batch | None = None
-        self._commit_lock: anyio.Lock | None = None
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._flush_queued = False
+        self._gathering = False
+        self._writer_thread: ThreadPoolExecutor | None = None
         self._open(max_size)
         self._readers: Pool = Pool(
             self._connect_reader, readers, name="sqlite-readers", close=_close_connection
@@ -296,6 +299,9 @@ class Storage:
 
     def close(self) -> None:
         """Close every connection and release the data-dir lock."""
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
+            self._writer_thread = None
         if hasattr(self, "_readers"):
             self._readers.close_all()
         if self._writer is not None:
@@ -454,44 +460,70 @@ class Storage:
     # -- async writes with group commit ---------------------------------------------------
 
     async def _submit(self, op: Op) -> Any:
-        """Queue op into the open batch; the batch's leader commits it for everyone."""
-        batch = self._batch
-        if batch is None or len(batch.ops) >= MAX_BATCH:
-            batch = self._batch = _Batch()
-            leader = True
-        else:
-            leader = False
-        index = len(batch.ops)
-        batch.ops.append(op)
-        if leader:
-            # Shielded: followers wait on this batch, so the leader must finish it.
-            with anyio.CancelScope(shield=True):
-                await self._commit(batch)
-        else:
-            await batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
-        return batch.results[index]
+        """Queue op for the next group commit and wait until it has committed."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((op, future))
+        if self.sync == "full":
+            if not self._flush_queued:
+                self._flush_queued = True
+                loop.call_soon(self._flush, loop)
+            return await future
+        if self._gathering:
+            return await future
+        # This writer leads the batch: one loop turn lets every writer that is ready join it,
+        # then it commits for all of them. A NORMAL commit in WAL mode appends to the WAL
+        # without fsync, so committing inline beats a thread hand-off.
+        self._gathering = True
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._gathering = False
+            self._flush(loop)
+        return future.result()
 
-    async def _commit(self, batch: _Batch) -> None:
-        # One trip through the event loop lets concurrent writers join this batch.
-        await anyio.lowlevel.checkpoint()
-        if self._commit_lock is None:
-            self._commit_lock = anyio.Lock()
-        async with self._commit_lock:
-            if self._batch is batch:
-                self._batch = None
-            try:
-                if self.sync == "full":
-                    # fsync takes milliseconds: keep it off the event loop.
-                    batch.results = await anyio.to_thread.run_sync(self.write, batch.ops)
-                else:
-                    # A NORMAL commit in WAL mode writes the WAL without fsync: cheaper inline
-                    # than the thread hand-off it would need.
-                    batch.results = self.write(batch.ops)
-            except StorageError as e:
-                batch.error = e
-            batch.done.set()
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._pending[:MAX_BATCH]
+        del self._pending[:MAX_BATCH]
+        if not batch:
+            self._flush_queued = False
+            return
+        ops = [op for op, _ in batch]
+        if self.sync == "full":
+            # fsync takes milliseconds: the writer thread commits, the loop stays free.
+            if self._writer_thread is None:
+                self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="frys-writer")
+            done = loop.run_in_executor(self._writer_thread, self.write, ops)
+            done.add_done_callback(lambda f: self._settle(loop, batch, f))
+            return
+        try:
+            results = self.write(ops)
+        except StorageError as e:
+            self._settle(loop, batch, e)
+        else:
+            self._settle(loop, batch, results)
+
+    def _settle(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Op, asyncio.Future[Any]]],
+        outcome: asyncio.Future[list[Any]] | list[Any] | StorageError,
+    ) -> None:
+        if isinstance(outcome, asyncio.Future):
+            error = outcome.exception()
+            outcome = outcome.result() if error is None else error  # type: ignore[assignment]
+        if isinstance(outcome, BaseException):
+            for _, future in batch:
+                if not future.done():  # a waiter cancelled meanwhile
+                    future.set_exception(outcome)
+        else:
+            for (_, future), result in zip(batch, outcome, strict=True):
+                if not future.done():
+                    future.set_result(result)
+        # Writers beyond MAX_BATCH wait for the next commit.
+        self._flush_queued = bool(self._pending)
+        if self._flush_queued:
+            loop.call_soon(self._flush, loop)
 
     async def put(self, namespace: str, key: str, value: Any) -> int:
         """Store value at namespace/key; returns the new version once committed."""
@@ -547,16 +579,6 @@ class Storage:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"{dest}: cannot write the backup ({e.strerror})") from e
         return dest
-
-
-class _Batch:
-    __slots__ = ("done", "error", "ops", "results")
-
-    def __init__(self) -> None:
-        self.ops: list[Op] = []
-        self.results: list[Any] = []
-        self.error: StorageError | None = None
-        self.done = anyio.Event()
 
 
 def _close_connection(conn: sqlite3.Connection) -> None:

@@ -14,6 +14,7 @@ import pytest
 from conftest import clean_env
 
 from frys_edge.config import load_config
+from frys_edge.core import RetryPolicy
 from frys_edge.runtime import NotRunning, PluginError, Runtime, budget_for
 
 
@@ -66,6 +67,27 @@ def test_task_errors_reach_the_caller_and_delays_are_honoured(tmp_path: Path) ->
     anyio.run(main)
 
 
+def test_cancelling_running_and_waiting_tasks(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path)
+        async with rt:
+            running = rt.spawn(anyio.sleep, 30)
+            delayed = rt.spawn(lambda: "never", delay=30)
+            await anyio.sleep(0.01)
+            assert running.state == "running"
+            assert running.cancel() and delayed.cancel()
+            with anyio.fail_after(2):
+                while not running.done():
+                    await anyio.sleep(0.01)
+            assert (running.state, delayed.state) == ("cancelled", "cancelled")
+            with anyio.move_on_after(0.05):
+                await rt.run(anyio.sleep, 30, name="abandoned")
+            await anyio.sleep(0.01)
+            assert rt.scheduler.stats()["running"] == 0
+
+    anyio.run(main)
+
+
 def test_failing_component_is_restarted_and_health_says_so(tmp_path: Path) -> None:
     async def main() -> None:
         rt, _ = make_runtime(tmp_path)
@@ -80,7 +102,7 @@ def test_failing_component_is_restarted_and_health_says_so(tmp_path: Path) -> No
                     raise ConnectionError("sensor bus unplugged")
                 await anyio.sleep_forever()
 
-            rt.supervise("sensors", flaky)
+            rt.supervise("sensors", flaky, RetryPolicy(100, initial_delay=0.2, jitter=False))
             for _ in range(200):
                 c = rt.health.components.get("sensors")
                 if c is not None:
@@ -187,6 +209,7 @@ def test_native_plugin_lifecycle_while_running(tmp_path: Path) -> None:
 DRAIN = """
 import sys, anyio
 from frys_edge.config import load_config
+from frys_edge.core import RetryPolicy
 from frys_edge.runtime import Runtime, serve
 
 async def slow_job(rt, seconds):
