@@ -102,6 +102,7 @@ class PluginsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
 
     paths: list[str] = []
     sandbox: bool = True
+    native: list[str] = []
 
 
 class MemoryConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

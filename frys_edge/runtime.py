@@ -225,6 +225,12 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         self.health.set("scheduler", "ok")
+        try:
+            for spec in cfg.plugins.native:
+                await self.load_plugin(spec)
+        except BaseException:
+            await self.stop()
+            raise
         self.supervise("memory", self._watch_memory)
         if self._watcher is not None:
             self.supervise("config", self._watch_config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -32,6 +33,10 @@ from frys_edge.core import FrysError, Pool
 DB_FILE = "frys.db"
 LOCK_FILE = "frys.lock"
 MAX_BATCH = 2000
+CHECKPOINT_WRITES = 1000
+CHECKPOINT_SECONDS = 5.0
+
+log = logging.getLogger("frys.storage")
 
 # Each entry upgrades the schema by one version; PRAGMA user_version records where a file is.
 MIGRATIONS: tuple[str, ...] = (
@@ -168,6 +173,13 @@ class Storage:
         self._flush_queued = False
         self._gathering = False
         self._writer_thread: ThreadPoolExecutor | None = None
+        self.checkpoints = 0
+        self._since_checkpoint = 0
+        self._checkpoint_wanted = threading.Event()
+        self._closing = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="frys-checkpoint", daemon=True
+        )
         self._open(max_size)
         self._readers: Pool = Pool(
             self._connect_reader, readers, name="sqlite-readers", close=_close_connection
@@ -196,6 +208,7 @@ class Storage:
             self._writer = self._connect(self.path)
             self._configure_writer(max_size)
             self._migrate()
+            self._checkpointer.start()
         except BaseException:
             self.close()
             raise
@@ -253,6 +266,8 @@ class Storage:
                 )
             w.execute(f"PRAGMA synchronous = {self.sync.upper()}")
             w.execute(f"PRAGMA cache_size = -{self.cache_kib}")
+            # Checkpoints fsync; the checkpointer thread runs them so commits never do.
+            w.execute("PRAGMA wal_autocheckpoint = 0")
             if max_size is not None:
                 page_size = w.execute("PRAGMA page_size").fetchone()[0]
                 w.execute(f"PRAGMA max_page_count = {max(1, max_size // page_size)}")
@@ -297,8 +312,27 @@ class Storage:
                 self._writer.execute(f"PRAGMA synchronous = {sync.upper()}")
             self.sync = sync
 
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database file after many writes, or every few seconds."""
+        conn = self._connect(self.path)
+        try:
+            while not self._closing.is_set():
+                self._checkpoint_wanted.wait(CHECKPOINT_SECONDS)
+                self._checkpoint_wanted.clear()
+                if self._closing.is_set():
+                    break
+                self._since_checkpoint = 0
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self.checkpoints += 1
+                except sqlite3.Error as e:
+                    # The next round retries; the WAL keeps the data safe meanwhile.
+                    log.warning("%s", describe_error(self.path, e, "checkpointing the WAL"))
+        finally:
+            conn.close()
+
     def close(self) -> None:
-        """Close every connection and release the data-dir lock."""
+        """Fold the WAL into the database, close every connection, release the lock."""
         if self._writer_thread is not None:
             self._writer_thread.shutdown(wait=True)
             self._writer_thread = None
@@ -306,8 +340,16 @@ class Storage:
             self._readers.close_all()
         if self._writer is not None:
             with self._write_lock:
-                self._writer.close()
-                self._writer = None
+                writer, self._writer = self._writer, None
+            self._closing.set()
+            self._checkpoint_wanted.set()
+            if self._checkpointer.is_alive():
+                self._checkpointer.join()
+            try:
+                writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("%s", describe_error(self.path, e, "checkpointing at close"))
+            writer.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -385,6 +427,7 @@ class Storage:
             "sync": self.sync,
             "commits": self.commits,
             "writes": self.writes,
+            "checkpoints": self.checkpoints,
             "readers": self._readers.stats(),
         }
 
@@ -410,6 +453,9 @@ class Storage:
                 raise describe_error(self.path, e, "writing") from e
             self.commits += 1
             self.writes += len(ops)
+            self._since_checkpoint += len(ops)
+            if self._since_checkpoint >= CHECKPOINT_WRITES:
+                self._checkpoint_wanted.set()
             return results
 
     @staticmethod

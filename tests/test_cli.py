@@ -169,3 +169,33 @@ def test_run_serves_until_sigterm_and_refuses_a_second_writer(tmp_path: Path) ->
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
+
+
+def test_run_loads_native_plugins_and_refuses_unknown_ones(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[plugins]\nnative = ["no_such_plugin_module"]\n')
+    result = frys("run", "-c", str(path), timeout=30)
+    assert result.returncode == 1
+    assert "plugin 'no_such_plugin_module'" in result.stderr
+    assert "install it or fix the name" in result.stderr
+
+
+def test_run_logs_json_lines_when_asked(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frys_edge.cli", "run", "-c", str(path), "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        while not line.startswith("{"):
+            assert line, "frys run exited before logging"
+            line = proc.stderr.readline()
+        record = json.loads(line)
+        assert record["level"] == "info" and "runtime started" in record["msg"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()

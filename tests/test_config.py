@@ -446,7 +446,7 @@ def test_config_items_list_every_key_in_schema_order() -> None:
     assert items[0] == ("system.data_dir", "./data")
     assert ("network.token", None) in items
     assert items[-1] == ("memory.limit", 64 * MIB)
-    assert len(items) == 17
+    assert len(items) == 18
 
 
 def test_display_value_masks_the_token_and_shows_sizes_in_human_units() -> None:

@@ -139,6 +139,31 @@ def test_bad_config_reload_keeps_the_old_config(tmp_path: Path) -> None:
     anyio.run(main)
 
 
+def test_native_plugins_listed_in_config_load_at_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path, '[plugins]\nnative = ["json", "test_runtime:RECORDER"]\n')
+        async with rt:
+            assert set(rt.plugins) == {"json", "recorder"}
+        assert RECORDER.calls[:2] == ["init", "on_load"]
+        assert RECORDER.calls[-2:] == ["on_unload", "cleanup"]
+
+    anyio.run(main)
+
+
+def test_command_line_overrides_survive_a_reload(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "frys.toml"
+        path.write_text('[system]\nlog_level = "info"\n')
+        overrides = {"system.data_dir": str(tmp_path / "flagdata")}
+        rt = Runtime(load_config(path, env={}, overrides=overrides), overrides=overrides)
+        async with rt:
+            path.write_text('[system]\nlog_level = "debug"\n')
+            assert await rt.reload_config()
+            assert rt.config.system.data_dir == str(tmp_path / "flagdata")
+
+    anyio.run(main)
+
+
 def test_config_file_change_is_picked_up_by_polling(tmp_path: Path) -> None:
     async def main() -> None:
         rt, path = make_runtime(tmp_path)
@@ -174,6 +199,9 @@ class Recorder:
 
     def cleanup(self, rt: Runtime) -> None:
         self.calls.append("cleanup")
+
+
+RECORDER = Recorder()
 
 
 def test_native_plugin_lifecycle_while_running(tmp_path: Path) -> None:

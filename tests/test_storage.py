@@ -216,3 +216,21 @@ def test_backup_is_a_consistent_standalone_copy(data_dir: Path, tmp_path: Path) 
 def test_values_that_are_not_json_are_refused(data_dir: Path) -> None:
     with Storage(data_dir) as s, pytest.raises(StorageError, match="cannot store a value"):
         anyio.run(s.put, "ns", "k", object())
+
+
+def test_checkpoints_run_off_the_commit_path_and_close_folds_the_wal(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            for i in range(3000):
+                await s.put("ns", f"k{i}", "v" * 50)
+            for _ in range(100):
+                if s.checkpoints:
+                    break
+                await anyio.sleep(0.01)
+            assert s.checkpoints >= 1
+        wal = data_dir / (DB_FILE + "-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+        with Storage(data_dir, readonly=True) as s:
+            assert len(s.list_prefix("ns", limit=5000)) == 3000
+
+    anyio.run(main)
