@@ -188,6 +188,7 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[Task, asyncio.Task[None]] = {}
         self._service_queued = False
+        self._submitting = False
         self._alarm: asyncio.TimerHandle | None = None
         self._accepting = False
         self._watcher = ConfigWatcher(config.path, overrides=overrides) if config.path else None
@@ -321,12 +322,27 @@ class Runtime:
         name: str | None = None,
     ) -> Task:
         """Queue fn(*args) on the scheduler; a coroutine result is awaited."""
-        self._check_accepting()
-        task = self.scheduler.submit(
-            fn, *args, priority=priority, group=group, delay=delay, name=name
-        )
+        task = self._submit(fn, args, priority, group, delay, name)
         self._dispatch()
         return task
+
+    def _submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        priority: int,
+        group: str,
+        delay: float,
+        name: str | None,
+    ) -> Task:
+        self._check_accepting()
+        self._submitting = True
+        try:
+            return self.scheduler.submit(
+                fn, *args, priority=priority, group=group, delay=delay, name=name
+            )
+        finally:
+            self._submitting = False
 
     async def run(
         self,
@@ -342,10 +358,7 @@ class Runtime:
         When the scheduler lets it start at once, it runs inside the caller's own task (as
         asyncio's eager tasks do) instead of a new one; cancelling the caller cancels it.
         """
-        self._check_accepting()
-        task = self.scheduler.submit(
-            fn, *args, priority=priority, group=group, delay=delay, name=name
-        )
+        task = self._submit(fn, args, priority, group, delay, name)
         if self._dispatch(task):
             await self._execute(task, inline=True)
         elif not task.done():
@@ -407,7 +420,11 @@ class Runtime:
         self._dispatch()
 
     def _wake_soon(self) -> None:
-        # The scheduler calls this on every submit; one service call per loop turn is enough.
+        """The scheduler's on_wake: start what is ready now, service timers and cancels soon."""
+        # spawn() and run() dispatch right after their own submit (run() may claim its task).
+        if not self._submitting:
+            self._dispatch()
+        # One service call per loop turn is enough, however many submits there were.
         if not self._service_queued and self._loop is not None:
             self._service_queued = True
             self._loop.call_soon(self._service)

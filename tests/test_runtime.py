@@ -298,6 +298,22 @@ def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_health_turns_degraded_over_the_memory_limit(tmp_path: Path) -> None:
+    async def main() -> None:
+        # Any Python process is over 4 MiB resident, the smallest limit config allows.
+        rt, _ = make_runtime(tmp_path, '[memory]\nlimit = "4MiB"\n')
+        async with rt:
+            with anyio.fail_after(2):
+                while "memory" not in rt.health.components:
+                    await anyio.sleep(0.01)
+            memory = rt.health.components["memory"]
+            assert memory.status == "degraded"
+            assert "over [memory] limit 4.0 MiB" in memory.reason
+            assert rt.health.status() == "degraded" and rt.health.ready()
+
+    anyio.run(main)
+
+
 def test_budget_grows_with_the_memory_limit() -> None:
     small, large = budget_for(8 * 2**20), budget_for(256 * 2**20)
     assert small.cache_entries < large.cache_entries
