@@ -27,7 +27,8 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
-from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import msgspec
 
@@ -84,6 +85,8 @@ class StorageConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     busy_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Size of the reader connection pool.
     readers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # Cap on the database file; writes beyond it fail with "disk full". None: no cap.
+    max_size: Annotated[_Size, msgspec.Meta(ge=64 * _KIB)] | None = None
 
 
 class NetworkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -163,6 +166,13 @@ class _Field(NamedTuple):
     choices: tuple[object, ...] | None
 
 
+def _is_size(tp: Any) -> bool:
+    args = get_args(tp)
+    if get_origin(tp) in (Union, UnionType):  # an optional size
+        return any(_is_size(arg) for arg in args)
+    return any(arg is _SIZE_MARK for arg in args)
+
+
 def _field_table(secrets: set[str]) -> dict[str, _Field]:
     table: dict[str, _Field] = {}
     for section in msgspec.structs.fields(Config):
@@ -173,7 +183,7 @@ def _field_table(secrets: set[str]) -> dict[str, _Field]:
                 section=section.name,
                 name=field.name,
                 type=field.type,
-                size=any(arg is _SIZE_MARK for arg in args),
+                size=_is_size(field.type),
                 secret=dotted in secrets,
                 choices=args if get_origin(field.type) is Literal else None,
             )
@@ -260,7 +270,7 @@ def _from_text(field: _Field, text: str) -> object:
 
 def _convert(field: _Field, raw: object, text: bool) -> object:
     value = _from_text(field, raw) if text and isinstance(raw, str) else raw
-    if field.size:
+    if field.size and value is not None:
         try:
             value = parse_size(value)
         except ValueError:

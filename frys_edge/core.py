@@ -321,6 +321,15 @@ class Scheduler:
             self._wake()
         return True
 
+    def cancel_not_started(self) -> int:
+        """Cancel every task that is pending, parked or waiting on a timer; returns how many."""
+        tasks = [entry[2] for entry in self._ready] + [entry[2] for entry in self._timers]
+        for parked in self._parked.values():
+            tasks.extend(entry[2] for entry in parked)
+        return sum(
+            1 for task in tasks if task.state in ("pending", "waiting") and self.cancel(task)
+        )
+
     def take_cancel_requests(self) -> "list[Task]":
         """Running tasks asked to stop since the last call; an external driver stops them."""
         requests, self._cancel_requests = self._cancel_requests, []
@@ -996,8 +1005,13 @@ class EventBus:
             queue.append(message)
             queued += 1
             if sub.handler is not None and not sub._draining:
-                sub._scheduler.submit(sub.drain, group="bus", name="drain " + sub.name)
-                sub._draining = True
+                try:
+                    sub._scheduler.submit(sub.drain, group="bus", name="drain " + sub.name)
+                    sub._draining = True
+                except QueueFull as exc:
+                    # Raising now would make a retry deliver twice; the message stays queued
+                    # and the next publish schedules the drain again.
+                    sub._error(exc)
         return queued
 
     def stats(self) -> "dict[str, int]":

@@ -15,6 +15,8 @@ from typing import Literal
 
 import msgspec
 
+from frys_edge.core import FrysError
+
 Status = Literal["starting", "ok", "degraded", "failed", "stopped"]
 _RANK: dict[str, int] = {"ok": 0, "stopped": 0, "starting": 1, "degraded": 2, "failed": 3}
 
@@ -48,6 +50,7 @@ class Counter:
         self.value = 0.0
 
     def inc(self, amount: float = 1.0) -> None:
+        """Add amount (default 1)."""
         self.value += amount
 
 
@@ -63,6 +66,7 @@ class Gauge:
         self._value = 0.0
 
     def set(self, value: float) -> None:
+        """Set the value (for gauges without a read function)."""
         self._value = value
 
     @property
@@ -71,7 +75,7 @@ class Gauge:
 
 
 class Histogram:
-    """Observations in cumulative buckets, plus quantiles over the last WINDOW samples."""
+    """Observations counted per bucket, plus quantiles over the last WINDOW samples."""
 
     kind = "histogram"
 
@@ -85,6 +89,7 @@ class Histogram:
         self._recent: deque[float] = deque(maxlen=WINDOW)
 
     def observe(self, value: float) -> None:
+        """Record one observation (seconds, for latency histograms)."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
@@ -112,7 +117,10 @@ class Metrics:
         existing = self._metrics.get(metric.name)
         if existing is not None:
             if existing.kind != metric.kind:
-                raise ValueError(f"metric {metric.name} is already a {existing.kind}")
+                raise FrysError(
+                    f"metric {metric.name} is already registered as a {existing.kind}; "
+                    f"give the {metric.kind} another name"
+                )
             return existing
         self._metrics[metric.name] = metric
         return metric
@@ -163,6 +171,7 @@ class Health:
         self.components: dict[str, ComponentHealth] = {}
 
     def set(self, name: str, status: Status, reason: str = "") -> None:
+        """Record a component's status; `since` changes only when status or reason does."""
         current = self.components.get(name)
         if current is None:
             self.components[name] = ComponentHealth(name, status, reason, time.time())
@@ -172,9 +181,11 @@ class Health:
             current.since = time.time()
 
     def restarted(self, name: str) -> None:
+        """Count one restart of a supervised component."""
         self.components[name].restarts += 1
 
     def remove(self, name: str) -> None:
+        """Forget a component (an unloaded plugin)."""
         self.components.pop(name, None)
 
     def status(self) -> Status:
@@ -190,6 +201,7 @@ class Health:
         return all(c.status in ("ok", "degraded") for c in self.components.values())
 
     def snapshot(self) -> dict[str, object]:
+        """The overall status and each component's state, ready to encode as JSON."""
         return {
             "status": self.status(),
             "components": {c.name: msgspec.structs.asdict(c) for c in self.components.values()},

@@ -1,8 +1,10 @@
 """The kernel: owns config, storage, scheduler, bus, cache and plugins, and starts and stops them.
 
-It wires the pure core (scheduler, bus, cache) to anyio, supervises long-running components
-(restarting a failed one with backoff), keeps the health model and metrics, applies config
-reloads, and drains gracefully on shutdown. It speaks no SQL and serves no HTTP.
+It drives the pure core (scheduler, bus, cache) on the running asyncio loop (anyio's asyncio
+backend; Pyodide's loop later) and uses anyio for threads, timeouts and signals. It supervises
+long-running components (restarting a failed one with backoff), keeps the health model and
+metrics, applies config reloads, and drains gracefully on shutdown. It speaks no SQL and
+serves no HTTP.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from types import ModuleType
 from typing import Any
 
 import anyio
-import anyio.abc
 import msgspec
 
 from frys_edge.config import (
@@ -130,6 +131,7 @@ class NativePlugin:
         self.obj = obj
 
     async def call(self, hook: str, *args: Any) -> None:
+        """Call the plugin's hook if it has one, awaiting it if it is async."""
         fn = getattr(self.obj, hook, None)
         if fn is None:
             return
@@ -140,22 +142,45 @@ class NativePlugin:
 
 def resolve_plugin(spec: str) -> tuple[str, Any]:
     """Find a native plugin by entry-point name, `module` or `module:attribute`."""
-    for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-        if ep.name == spec:
-            return spec, ep.load()
-    module_name, _, attr = spec.partition(":")
     try:
-        module: ModuleType = importlib.import_module(module_name)
-    except ImportError as e:
+        for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+            if ep.name == spec:
+                return spec, ep.load()
+        module_name, _, attr = spec.partition(":")
+        try:
+            module: ModuleType = importlib.import_module(module_name)
+        except ImportError as e:
+            raise PluginError(
+                f"plugin {spec!r}: no entry point of that name in group {PLUGIN_GROUP!r} and "
+                f"no importable module ({e}); install it or fix the name"
+            ) from e
+        obj = getattr(module, attr) if attr else module
+    except PluginError:
+        raise
+    except Exception as e:
         raise PluginError(
-            f"plugin {spec!r}: no entry point of that name in group {PLUGIN_GROUP!r} and no "
-            f"importable module ({e}); install it or fix the name"
+            f"plugin {spec!r} could not be loaded: {type(e).__name__}: {e}; check "
+            "[plugins] native and the plugin's installation"
         ) from e
-    obj = getattr(module, attr) if attr else module
     return getattr(obj, "NAME", spec), obj
 
 
 Component = Callable[[], Awaitable[None]]
+
+
+def _with_live_keys(running: Config, new: Config) -> Config:
+    """The running config with the values of LIVE_KEYS taken from new."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in LIVE_KEYS:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+    return msgspec.structs.replace(
+        running,
+        **{
+            section: msgspec.structs.replace(getattr(running, section), **values)
+            for section, values in sections.items()
+        },
+    )
 
 
 class Runtime:
@@ -184,9 +209,10 @@ class Runtime:
         self.cache = Cache(max_entries=self.budget.cache_entries)
         self.storage: Storage | None = None
         self.started_at = 0.0
-        self._tg: anyio.abc.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running: dict[Task, asyncio.Task[None]] = {}
+        self._running: dict[Task, asyncio.Task[Any]] = {}
+        self._inline: set[Task] = set()
+        self._components: set[asyncio.Task[None]] = set()
         self._service_queued = False
         self._submitting = False
         self._alarm: asyncio.TimerHandle | None = None
@@ -214,15 +240,16 @@ class Runtime:
         await self.stop()
 
     async def start(self) -> None:
-        """Open storage, start the scheduler driver and the supervised components."""
+        """Open storage, load native plugins and start the supervised components."""
+        if self._loop is not None:
+            raise NotRunning("runtime is already started; start it once")
         t0 = time.perf_counter()
         cfg = self.config
         self.health.set("storage", "starting")
         self.storage = await anyio.to_thread.run_sync(self._open_storage)
         self.health.set("storage", "ok")
+        anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
         self._register_gauges()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
         self._loop = asyncio.get_running_loop()
         self._accepting = True
         self.health.set("scheduler", "ok")
@@ -232,9 +259,9 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
-        self.supervise("memory", self._watch_memory)
+        self.supervise("memory-watch", self._watch_memory)
         if self._watcher is not None:
-            self.supervise("config", self._watch_config)
+            self.supervise("config-watch", self._watch_config)
         self.started_at = time.time()
         log.info(
             "runtime started in %.1f ms, data dir %s, sync=%s",
@@ -250,39 +277,58 @@ class Runtime:
             sync=cfg.storage.sync,
             busy_timeout=cfg.storage.busy_timeout,
             readers=cfg.storage.readers,
+            max_size=cfg.storage.max_size,
             cache_kib=self.budget.sqlite_cache_kib // (cfg.storage.readers + 1),
         )
 
     async def stop(self) -> None:
-        """Stop taking work, let running tasks finish within shutdown_timeout, then close."""
-        if self._tg is None:
+        """Stop taking work, let running tasks finish within shutdown_timeout, then close.
+
+        Tasks not started by then are cancelled, running ones are cancelled, plugins are
+        unloaded, and storage is closed even if a plugin fails to unload.
+        """
+        loop = self._loop
+        if loop is None:
             return
         self._accepting = False
         timeout = self.config.system.shutdown_timeout
-        with anyio.move_on_after(timeout) as scope:
-            while self.scheduler.stats()["running"]:
-                await anyio.sleep(0.01)
-        if scope.cancelled_caught:
-            log.warning("shutdown: tasks still running after %.1f s, cancelling them", timeout)
-        self._loop = None
-        if self._alarm is not None:
-            self._alarm.cancel()
-        running = list(self._running.values())
-        for t in running:
-            t.cancel()
-        if running:
-            await asyncio.wait(running)
-        for name in list(self.plugins):
-            await self.unload_plugin(name)
-        tg, self._tg = self._tg, None
-        tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
-        if self.storage is not None:
-            self.storage.close()
-            self.storage = None
-        self.health.set("storage", "stopped")
-        self.health.set("scheduler", "stopped")
-        log.info("runtime stopped")
+        try:
+            with anyio.move_on_after(timeout) as scope:
+                while self.scheduler.stats()["running"]:
+                    await anyio.sleep(0.01)
+            if scope.cancelled_caught:
+                log.warning("shutdown: tasks still running after %.1f s, cancelling", timeout)
+            dropped = self.scheduler.cancel_not_started()
+            if dropped:
+                log.warning("shutdown: cancelled %d tasks that had not started", dropped)
+            for task in list(self._running):
+                task.cancel()
+            self._service()
+            owned = [t for t in (*self._own_tasks(), *self._components) if not t.done()]
+            for t in self._components:
+                t.cancel()
+            if owned:
+                await asyncio.wait(owned, timeout=1.0)
+            for name in list(self.plugins):
+                try:
+                    await self.unload_plugin(name)
+                except Exception as e:
+                    log.error("shutdown: plugin %s failed to unload: %s", name, e, exc_info=e)
+        finally:
+            self._loop = None
+            if self._alarm is not None:
+                self._alarm.cancel()
+                self._alarm = None
+            if self.storage is not None:
+                self.storage.close()
+                self.storage = None
+            self.health.set("storage", "stopped")
+            self.health.set("scheduler", "stopped")
+            log.info("runtime stopped")
+
+    def _own_tasks(self) -> list[asyncio.Task[None]]:
+        # Tasks run inline by run() belong to their callers; the runtime waits only for its own.
+        return [t for task, t in self._running.items() if task not in self._inline]
 
     def _register_gauges(self) -> None:
         m = self.metrics
@@ -396,7 +442,10 @@ class Runtime:
     async def _execute(self, task: Task, inline: bool = False) -> None:
         t0 = time.perf_counter()
         if inline:
-            self._running[task] = asyncio.current_task()  # type: ignore[assignment]
+            current = asyncio.current_task()
+            assert current is not None
+            self._running[task] = current
+            self._inline.add(task)
         try:
             result = task.fn(*task.args)
             if inspect.isawaitable(result):
@@ -411,10 +460,14 @@ class Runtime:
                     current.uncancel()
         except Exception as e:
             self.scheduler.finish(task, error=e)
+        except BaseException as e:
+            self.scheduler.finish(task, error=e)
+            raise
         else:
             self.scheduler.finish(task, result=result)
         finally:
             del self._running[task]
+            self._inline.discard(task)
         self._tasks_run.inc()
         self._task_latency.observe(time.perf_counter() - t0)
         self._dispatch()
@@ -441,20 +494,26 @@ class Runtime:
         if deadline is None or self._loop is None:
             return
         alarm = self._alarm
-        if alarm is None or alarm.cancelled() or alarm.when() > deadline:
+        if alarm is None or alarm.when() > deadline:
             if alarm is not None:
                 alarm.cancel()
             # loop.time() is time.monotonic(), the scheduler's clock.
-            self._alarm = self._loop.call_at(deadline, self._service)
+            self._alarm = self._loop.call_at(deadline, self._on_alarm)
+
+    def _on_alarm(self) -> None:
+        self._alarm = None
+        self._service()
 
     # -- supervised components ------------------------------------------------------------
 
     def supervise(self, name: str, component: Component, retry: RetryPolicy | None = None) -> None:
         """Run component until stop; restart it with backoff whenever it fails."""
-        if self._tg is None:
+        if self._loop is None:
             raise NotRunning(f"component {name!r}: start the runtime before adding components")
         policy = retry or RetryPolicy(max_attempts=1_000_000, initial_delay=0.1, max_delay=30.0)
-        self._tg.start_soon(self._supervise, name, component, policy, name=f"frys-{name}")
+        task = self._loop.create_task(self._supervise(name, component, policy), name=name)
+        self._components.add(task)
+        task.add_done_callback(self._components.discard)
 
     async def _supervise(self, name: str, component: Component, policy: RetryPolicy) -> None:
         failures = 0
@@ -477,6 +536,7 @@ class Runtime:
             return
 
     async def _watch_memory(self) -> None:
+        """Report health "memory" degraded while resident memory is over the budget."""
         while True:
             used, limit = rss_bytes(), self.config.memory.limit
             if used > limit:
@@ -526,15 +586,25 @@ class Runtime:
         log.error("config reload refused, keeping the running config: %s", err)
 
     async def apply_config(self, new: LoadedConfig) -> set[str]:
-        """Swap in a validated config and tell components and plugins what changed."""
+        """Apply the live keys of a validated config and tell listeners and plugins.
+
+        Keys outside LIVE_KEYS keep their running values (the config the runtime reports is
+        the one it runs with) and are logged as waiting for the next start.
+        """
         old = self.config
-        sections = changed_sections(old, new.config)
-        keys = changed_keys(old, new.config)
-        self.loaded = new
+        effective = _with_live_keys(old, new.config)
+        pending = changed_keys(effective, new.config)
+        if pending:
+            log.warning("config keys that take effect at the next start: %s", ", ".join(pending))
+        sections = changed_sections(old, effective)
+        self.loaded = LoadedConfig(
+            config=effective, path=new.path, sources=new.sources, mtime=new.mtime
+        )
         if not sections:
             return sections
         self._reloads.inc()
-        cfg = new.config
+        keys = changed_keys(old, effective)
+        cfg = effective
         if "system" in sections:
             configure_logging(cfg.system.log_level, cfg.system.log_format)
         if "storage.sync" in keys and self.storage is not None:
@@ -542,14 +612,21 @@ class Runtime:
         if "memory" in sections:
             self.budget = budget_for(cfg.memory.limit)
             self.cache.resize(self.budget.cache_entries)
-        later = [k for k in keys if k not in LIVE_KEYS]
-        if later:
-            log.warning("config keys that take effect at the next start: %s", ", ".join(later))
-        log.info("config reloaded; changed: %s", ", ".join(keys))
+            self.bus.default_maxsize = self.budget.bus_queue
+            self.scheduler.max_pending = self.budget.max_pending_tasks
+        log.info("config reloaded; applied: %s", ", ".join(keys))
         for listener in self._config_listeners:
-            listener(cfg, sections)
+            try:
+                listener(cfg, sections)
+            except Exception as e:
+                log.error("config listener %r failed: %s", listener, e, exc_info=e)
         for plugin in list(self.plugins.values()):
-            await plugin.call("on_config_change", self, sections)
+            try:
+                await plugin.call("on_config_change", self, sections)
+            except Exception as e:
+                reason = f"on_config_change failed: {type(e).__name__}: {e}"
+                self.health.set(f"plugin:{plugin.name}", "degraded", reason)
+                log.error("plugin %s %s", plugin.name, reason, exc_info=e)
         return sections
 
     # -- native plugins -------------------------------------------------------------------
@@ -593,18 +670,22 @@ class Runtime:
 async def serve(rt: Runtime, ready: Callable[[], None] | None = None) -> int:
     """Run until SIGTERM or SIGINT (SIGHUP reloads config); returns the exit code."""
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    watcher: asyncio.Task[None] | None = None
     with anyio.open_signal_receiver(*signals) as received:
-        async with rt:
-            if ready is not None:
-                ready()
-            async for sig in received:
-                if sig == signal.SIGHUP:
-                    await rt.reload_config()
-                    continue
-                log.info("received %s, draining (a second signal exits at once)", sig.name)
-                assert rt._tg is not None
-                rt._tg.start_soon(_exit_on_second_signal, received)
-                break
+        try:
+            async with rt:
+                if ready is not None:
+                    ready()
+                async for sig in received:
+                    if sig == signal.SIGHUP:
+                        await rt.reload_config()
+                        continue
+                    log.info("received %s, draining (a second signal exits at once)", sig.name)
+                    watcher = asyncio.create_task(_exit_on_second_signal(received))
+                    break
+        finally:
+            if watcher is not None:
+                watcher.cancel()
     return 0
 
 

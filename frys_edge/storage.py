@@ -61,7 +61,8 @@ MIGRATIONS: tuple[str, ...] = (
 
 Sync = Literal["normal", "full"]
 # A write operation: ("put", ns, key, json, now) | ("cas", ns, key, json, now, expected)
-# | ("delete", ns, key) | ("append", topic, json, now). Tuples keep the hot path cheap.
+# | ("delete", ns, key) | ("append", topic, json, now) | ("trim", up_to_seq).
+# Tuples keep the hot path cheap.
 Op = tuple[Any, ...]
 
 
@@ -109,12 +110,21 @@ _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
 
-def encode_value(value: Any) -> str:
-    """Encode a value as the JSON text stored in a column."""
+def encode_value(value: Any, where: str) -> str:
+    """Encode a value as the JSON text stored in a column; `where` names it in errors."""
     try:
         return _encode(value).decode()
     except (TypeError, msgspec.EncodeError) as e:
-        raise StorageError(f"cannot store a value of type {type(value).__name__}: {e}") from e
+        raise StorageError(
+            f"{where}: cannot store a value of type {type(value).__name__} ({e}); store "
+            "JSON-able values: dict, list, str, int, float, bool or None"
+        ) from e
+
+
+def _check_name(what: str, value: object) -> None:
+    # Checked before queuing, so one caller's bad argument never fails a shared commit.
+    if not isinstance(value, str) or not value:
+        raise StorageError(f"{what} must be a non-empty string, got {value!r}")
 
 
 def describe_error(path: Path, err: sqlite3.Error, doing: str) -> StorageError:
@@ -123,7 +133,7 @@ def describe_error(path: Path, err: sqlite3.Error, doing: str) -> StorageError:
     if code == sqlite3.SQLITE_FULL:
         return StorageError(
             f"{path}: disk full while {doing} (SQLITE_FULL); free space on the device or "
-            "raise [storage] max_size; the write was not applied"
+            "raise [storage] max_size if it is set; the write was not applied"
         )
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
         return StorageError(
@@ -133,8 +143,9 @@ def describe_error(path: Path, err: sqlite3.Error, doing: str) -> StorageError:
         )
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return StorageError(
-            f"{path}: database is locked by another connection while {doing}; another "
-            "process is writing to it. Stop it, or raise [storage] busy_timeout"
+            f"{path}: database is locked by another connection while {doing} (waited "
+            "[storage] busy_timeout); a program outside frys (a sqlite3 shell, a backup tool) "
+            "holds a write transaction on it. Close it, or raise [storage] busy_timeout"
         )
     if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
         return StorageError(
@@ -180,10 +191,10 @@ class Storage:
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="frys-checkpoint", daemon=True
         )
-        self._open(max_size)
         self._readers: Pool = Pool(
             self._connect_reader, readers, name="sqlite-readers", close=_close_connection
         )
+        self._open(max_size)
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -194,7 +205,6 @@ class Storage:
                     f"{self.path}: no database here yet; check [system] data_dir or "
                     "FRYS_SYSTEM_DATA_DIR, or start `frys run` once to create it"
                 )
-            self._check_readable()
             return
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -227,12 +237,24 @@ class Storage:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            who = (
+                "this process already has it open; close that Storage first"
+                if holder == str(os.getpid())
+                else f"another frys process (pid {holder}) has it open; stop it first"
+            )
             raise DataDirLocked(
-                f"{self.data_dir}: data dir is in use by another frys process (pid {holder}); "
-                "stop it first, or give this one another [system] data_dir"
+                f"{self.data_dir}: data dir is in use: {who}, or give this one another "
+                "[system] data_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except OSError as e:
+            os.close(fd)
+            raise StorageError(
+                f"{lock_path}: cannot write the lock file ({e.strerror}); free space on the "
+                "device or point [system] data_dir elsewhere"
+            ) from e
         self._lock_fd = fd
 
     def _connect(self, target: str | Path, uri: bool = False) -> sqlite3.Connection:
@@ -295,16 +317,6 @@ class Storage:
                 w.execute("ROLLBACK")
             raise describe_error(self.path, e, "reading the schema") from e
 
-    def _check_readable(self) -> None:
-        try:
-            conn = self._connect_reader()
-            try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            finally:
-                conn.close()
-        except sqlite3.Error as e:
-            raise describe_error(self.path, e, "opening the database") from e
-
     def set_sync(self, sync: Sync) -> None:
         """Change the durability level of later commits."""
         with self._write_lock:
@@ -314,34 +326,35 @@ class Storage:
 
     def _checkpoint_loop(self) -> None:
         """Copy the WAL into the database file after many writes, or every few seconds."""
-        conn = self._connect(self.path)
-        try:
-            while not self._closing.is_set():
-                self._checkpoint_wanted.wait(CHECKPOINT_SECONDS)
-                self._checkpoint_wanted.clear()
-                if self._closing.is_set():
-                    break
-                self._since_checkpoint = 0
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                    self.checkpoints += 1
-                except sqlite3.Error as e:
-                    # The next round retries; the WAL keeps the data safe meanwhile.
-                    log.warning("%s", describe_error(self.path, e, "checkpointing the WAL"))
-        finally:
+        conn: sqlite3.Connection | None = None
+        while not self._closing.is_set():
+            self._checkpoint_wanted.wait(CHECKPOINT_SECONDS)
+            self._checkpoint_wanted.clear()
+            if self._closing.is_set():
+                break
+            self._since_checkpoint = 0
+            try:
+                if conn is None:
+                    conn = self._connect(self.path)
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoints += 1
+            except (sqlite3.Error, StorageError) as e:
+                # The next round retries; until then the WAL keeps the data safe.
+                err = e if isinstance(e, StorageError) else describe_error(self.path, e, "")
+                log.warning("checkpointing the WAL failed, will retry: %s", err)
+        if conn is not None:
             conn.close()
 
     def close(self) -> None:
         """Fold the WAL into the database, close every connection, release the lock."""
+        self._closing.set()
         if self._writer_thread is not None:
             self._writer_thread.shutdown(wait=True)
             self._writer_thread = None
-        if hasattr(self, "_readers"):
-            self._readers.close_all()
+        self._readers.close_all()
         if self._writer is not None:
             with self._write_lock:
                 writer, self._writer = self._writer, None
-            self._closing.set()
             self._checkpoint_wanted.set()
             if self._checkpointer.is_alive():
                 self._checkpointer.join()
@@ -439,18 +452,23 @@ class Storage:
         Results: put -> new version; cas -> (applied, version now stored, 0 when missing);
         delete -> whether it existed; append -> the event's sequence number; trim -> count.
         """
-        if self._writer is None:
-            raise StorageError(f"{self.path}: storage is closed or was opened read-only")
         with self._write_lock:
             w = self._writer
+            if w is None:
+                state = "opened read-only" if self.readonly else "closed"
+                raise StorageError(f"{self.path}: cannot write, this Storage is {state}")
             try:
                 w.execute("BEGIN IMMEDIATE")
                 results = [self._apply(w, op) for op in ops]
                 w.execute("COMMIT")
-            except sqlite3.Error as e:
+            except BaseException as e:
                 if w.in_transaction:
                     w.execute("ROLLBACK")
-                raise describe_error(self.path, e, "writing") from e
+                if isinstance(e, sqlite3.Error):
+                    raise describe_error(self.path, e, "writing") from e
+                if isinstance(e, Exception) and not isinstance(e, StorageError):
+                    raise StorageError(f"{self.path}: write failed, rolled back: {e!r}") from e
+                raise
             self.commits += 1
             self.writes += len(ops)
             self._since_checkpoint += len(ops)
@@ -506,93 +524,119 @@ class Storage:
     # -- async writes with group commit ---------------------------------------------------
 
     async def _submit(self, op: Op) -> Any:
-        """Queue op for the next group commit and wait until it has committed."""
+        """Queue op for the next group commit; return its result once it has committed.
+
+        A caller cancelled while waiting may still see its write committed: the op is in a
+        shared transaction by then. Only a returned call is a durable acknowledgement.
+        """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((op, future))
         if self.sync == "full":
             if not self._flush_queued:
                 self._flush_queued = True
-                loop.call_soon(self._flush, loop)
-            return await future
-        if self._gathering:
-            return await future
-        # This writer leads the batch: one loop turn lets every writer that is ready join it,
-        # then it commits for all of them. A NORMAL commit in WAL mode appends to the WAL
-        # without fsync, so committing inline beats a thread hand-off.
-        self._gathering = True
-        try:
-            await asyncio.sleep(0)
-        finally:
-            self._gathering = False
-            self._flush(loop)
-        return future.result()
+                loop.call_soon(self._flush_in_thread, loop)
+        elif not self._gathering:
+            # This writer leads the batch: one loop turn lets every writer that is ready
+            # join it, then it commits for all of them. A NORMAL commit in WAL mode appends
+            # to the WAL without fsync, so committing inline beats a thread hand-off.
+            self._gathering = True
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._gathering = False
+                self._flush_inline()
+        return await future
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _take_batch(self) -> list[tuple[Op, asyncio.Future[Any]]]:
         batch = self._pending[:MAX_BATCH]
         del self._pending[:MAX_BATCH]
-        if not batch:
-            self._flush_queued = False
-            return
-        ops = [op for op, _ in batch]
-        if self.sync == "full":
-            # fsync takes milliseconds: the writer thread commits, the loop stays free.
-            if self._writer_thread is None:
-                self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="frys-writer")
-            done = loop.run_in_executor(self._writer_thread, self.write, ops)
-            done.add_done_callback(lambda f: self._settle(loop, batch, f))
-            return
-        try:
-            results = self.write(ops)
-        except StorageError as e:
-            self._settle(loop, batch, e)
-        else:
-            self._settle(loop, batch, results)
+        return batch
 
-    def _settle(
+    def _flush_inline(self) -> None:
+        while self._pending:
+            batch = self._take_batch()
+            try:
+                results = self.write([op for op, _ in batch])
+            except BaseException as e:
+                self._settle(batch, e)
+                if not isinstance(e, Exception):
+                    raise
+            else:
+                self._settle(batch, results)
+
+    def _flush_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch = self._take_batch()
+        if not batch or self._closing.is_set():
+            self._flush_queued = False
+            self._settle(batch, StorageError(f"{self.path}: storage was closed before commit"))
+            return
+        if self._writer_thread is None:
+            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="frys-writer")
+        # fsync takes milliseconds: the writer thread commits, the loop stays free.
+        done = loop.run_in_executor(self._writer_thread, self.write, [op for op, _ in batch])
+        done.add_done_callback(lambda f: self._thread_done(loop, batch, f))
+
+    def _thread_done(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: list[tuple[Op, asyncio.Future[Any]]],
-        outcome: asyncio.Future[list[Any]] | list[Any] | StorageError,
+        done: asyncio.Future[list[Any]],
     ) -> None:
-        if isinstance(outcome, asyncio.Future):
-            error = outcome.exception()
-            outcome = outcome.result() if error is None else error  # type: ignore[assignment]
+        error = done.exception()
+        self._settle(batch, done.result() if error is None else error)
+        self._flush_queued = bool(self._pending)
+        if self._flush_queued:
+            loop.call_soon(self._flush_in_thread, loop)
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[Op, asyncio.Future[Any]]], outcome: list[Any] | BaseException
+    ) -> None:
         if isinstance(outcome, BaseException):
             for _, future in batch:
                 if not future.done():  # a waiter cancelled meanwhile
                     future.set_exception(outcome)
-        else:
-            for (_, future), result in zip(batch, outcome, strict=True):
-                if not future.done():
-                    future.set_result(result)
-        # Writers beyond MAX_BATCH wait for the next commit.
-        self._flush_queued = bool(self._pending)
-        if self._flush_queued:
-            loop.call_soon(self._flush, loop)
+            return
+        for (_, future), result in zip(batch, outcome, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     async def put(self, namespace: str, key: str, value: Any) -> int:
         """Store value at namespace/key; returns the new version once committed."""
-        return await self._submit(("put", namespace, key, encode_value(value), time.time()))  # type: ignore[no-any-return]
+        _check_name("namespace", namespace)
+        _check_name("key", key)
+        op = ("put", namespace, key, encode_value(value, f"kv {namespace}/{key}"), time.time())
+        return await self._submit(op)  # type: ignore[no-any-return]
 
     async def delete(self, namespace: str, key: str) -> bool:
         """Delete namespace/key; returns whether it existed."""
+        _check_name("namespace", namespace)
+        _check_name("key", key)
         return await self._submit(("delete", namespace, key))  # type: ignore[no-any-return]
 
     async def compare_and_set(self, namespace: str, key: str, value: Any, expected: int) -> int:
         """Store value only if the entry is at version `expected` (0: must not exist)."""
-        op = ("cas", namespace, key, encode_value(value), time.time(), expected)
-        ok, version = await self._submit(op)
+        _check_name("namespace", namespace)
+        _check_name("key", key)
+        if not isinstance(expected, int) or not 0 <= expected < 2**63:
+            raise StorageError(f"kv {namespace}/{key}: expected version must be an int >= 0")
+        encoded = encode_value(value, f"kv {namespace}/{key}")
+        ok, version = await self._submit(("cas", namespace, key, encoded, time.time(), expected))
         if not ok:
             raise VersionConflict(namespace, key, expected, version)
         return version  # type: ignore[no-any-return]
 
     async def append(self, topic: str, payload: Any) -> int:
         """Append an event to the durable log; returns its sequence number."""
-        return await self._submit(("append", topic, encode_value(payload), time.time()))  # type: ignore[no-any-return]
+        _check_name("topic", topic)
+        op = ("append", topic, encode_value(payload, f"event on {topic}"), time.time())
+        return await self._submit(op)  # type: ignore[no-any-return]
 
     async def trim_events(self, up_to: int) -> int:
         """Delete events with seq <= up_to; returns how many went."""
+        if not isinstance(up_to, int) or not 0 <= up_to < 2**63:
+            raise StorageError(f"trim_events: up_to must be an int >= 0, got {up_to!r}")
         return await self._submit(("trim", up_to))  # type: ignore[no-any-return]
 
     # -- maintenance ---------------------------------------------------------------------
@@ -611,19 +655,25 @@ class Storage:
         dest = Path(dest)
         if dest.is_dir():
             dest = dest / DB_FILE
+        if not dest.parent.is_dir():
+            raise StorageError(
+                f"{dest}: cannot write the backup, directory {dest.parent} does not exist; "
+                "create it or choose another path"
+            )
         tmp = dest.with_name(dest.name + ".tmp")
         try:
-            with self._reader("backing up") as conn:
-                target = sqlite3.connect(tmp)
-                try:
+            target = sqlite3.connect(tmp)
+            try:
+                with self._reader("reading for the backup") as conn:
                     conn.backup(target)
-                    target.execute("PRAGMA journal_mode = DELETE")
-                finally:
-                    target.close()
+                target.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                target.close()
             os.replace(tmp, dest)
-        except OSError as e:
+        except (OSError, sqlite3.Error) as e:
+            raise StorageError(f"{dest}: cannot write the backup ({e}); check the path") from e
+        finally:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"{dest}: cannot write the backup ({e.strerror})") from e
         return dest
 
 

@@ -1033,3 +1033,17 @@ def check_breaker_explicit_now_overrides_the_clock():
     breaker.record_failure(now=0.0)
     assert breaker.state(now=0.5) == "open"
     assert breaker.state(now=1.0) == "half_open"
+
+
+def check_cancel_not_started_cancels_pending_parked_and_waiting_tasks():
+    sched = core.Scheduler(groups={"one": 1})
+    running = sched.submit(lambda: None, group="one")
+    parked = sched.submit(lambda: None, group="one")
+    later = sched.submit(lambda: None, delay=60)
+    assert sched.pop_ready() == [running]
+    ready = sched.submit(lambda: None)
+    assert sched.cancel_not_started() == 3
+    assert [t.state for t in (parked, later, ready)] == ["cancelled"] * 3
+    assert running.state == "running"
+    sched.finish(running)
+    assert sched.pop_ready() == []

@@ -162,7 +162,7 @@ def test_run_serves_until_sigterm_and_refuses_a_second_writer(tmp_path: Path) ->
             line = proc.stderr.readline()
         second = frys("kv", "put", "-c", str(path), "k", "1")
         assert second.returncode == 1
-        assert "in use by another frys process" in second.stderr
+        assert "another frys process" in second.stderr
         # Reads do not need the lock.
         assert frys("kv", "list", "-c", str(path)).returncode == 0
         proc.send_signal(signal.SIGTERM)

@@ -14,7 +14,7 @@ import pytest
 from conftest import clean_env
 
 from frys_edge.config import load_config
-from frys_edge.core import RetryPolicy
+from frys_edge.core import Cancelled, RetryPolicy
 from frys_edge.runtime import NotRunning, PluginError, Runtime, budget_for
 
 
@@ -213,7 +213,7 @@ def test_native_plugin_lifecycle_while_running(tmp_path: Path) -> None:
             assert "plugin:recorder" in rt.health.components
             with pytest.raises(PluginError, match="already loaded"):
                 await rt.load_plugin(plugin)
-            path.write_text(path.read_text() + "threads = 2\n")
+            path.write_text(path.read_text() + 'log_level = "warning"\n')
             await rt.reload_config()
             await rt.unload_plugin("recorder")
             assert "plugin:recorder" not in rt.health.components
@@ -237,7 +237,7 @@ def test_native_plugin_lifecycle_while_running(tmp_path: Path) -> None:
 DRAIN = """
 import sys, anyio
 from frys_edge.config import load_config
-from frys_edge.core import RetryPolicy
+from frys_edge.core import Cancelled, RetryPolicy
 from frys_edge.runtime import Runtime, serve
 
 async def slow_job(rt, seconds):
@@ -319,3 +319,77 @@ def test_budget_grows_with_the_memory_limit() -> None:
     assert small.cache_entries < large.cache_entries
     assert small.bus_queue < large.bus_queue
     assert small.max_pending_tasks <= large.max_pending_tasks
+
+
+def test_delayed_tasks_in_a_row_each_fire(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path)
+        async with rt:
+            with anyio.fail_after(3):
+                assert await rt.run(lambda: 1, delay=0.05) == 1
+                assert await rt.run(lambda: 2, delay=0.05) == 2
+                later = rt.spawn(lambda: "later", delay=0.3)
+                assert await rt.run(lambda: "sooner", delay=0.05) == "sooner"
+                assert not later.done()
+                while not later.done():
+                    await anyio.sleep(0.02)
+            assert later.result == "later"
+
+    anyio.run(main)
+
+
+def test_stop_cancels_work_that_never_started_and_bounds_inline_work(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path, "shutdown_timeout = 0.3\n")
+        outcomes: list[str] = []
+
+        async def wait_for(**kwargs: Any) -> None:
+            try:
+                await rt.run(anyio.sleep, 30, **kwargs)
+            except Cancelled:
+                outcomes.append("cancelled")
+
+        await rt.start()
+        rt.scheduler.set_group_limit("one", 1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for)  # runs inline in its caller
+            tg.start_soon(lambda: wait_for(group="one"))
+            tg.start_soon(lambda: wait_for(group="one"))  # parked behind the first
+            tg.start_soon(lambda: wait_for(delay=60))  # waiting on a timer
+            await anyio.sleep(0.05)
+            t0 = time.monotonic()
+            with anyio.fail_after(5):  # stop() works inside a caller's cancel scope
+                await rt.stop()
+            assert time.monotonic() - t0 < 2
+        assert outcomes == ["cancelled"] * 4
+        assert rt.storage is None
+
+    anyio.run(main)
+
+
+class BadUnload:
+    NAME = "bad-unload"
+
+    def on_unload(self, rt: Runtime) -> None:
+        raise RuntimeError("unload exploded")
+
+    def on_config_change(self, rt: Runtime, sections: set[str]) -> None:
+        raise ValueError("cannot take it")
+
+
+def test_plugin_errors_neither_stop_reloads_nor_leak_the_data_dir(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, path = make_runtime(tmp_path)
+        async with rt:
+            await rt.load_plugin(BadUnload())
+            path.write_text(path.read_text() + 'log_level = "warning"\nthreads = 2\n')
+            assert await rt.reload_config() is True
+            assert rt.config.system.log_level == "warning"
+            assert rt.config.system.threads == 4, "threads applies at the next start"
+            plugin = rt.health.components["plugin:bad-unload"]
+            assert plugin.status == "degraded" and "cannot take it" in plugin.reason
+        from frys_edge.storage import Storage
+
+        Storage(tmp_path / "data").close()  # the lock was released
+
+    anyio.run(main)

@@ -118,12 +118,12 @@ def test_values_survive_reopen_and_are_plain_sqlite(data_dir: Path) -> None:
 
 def test_second_storage_on_the_same_data_dir_is_refused(data_dir: Path) -> None:
     with Storage(data_dir):
-        with pytest.raises(DataDirLocked, match=f"pid {os.getpid()}"):
+        with pytest.raises(DataDirLocked, match="this process already has it open"):
             Storage(data_dir)
         code = f"from frys_edge.storage import Storage; Storage({str(data_dir)!r})"
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.returncode == 1
-        assert "in use by another frys process" in other.stderr
+        assert f"another frys process (pid {os.getpid()}) has it open" in other.stderr
     Storage(data_dir).close()
 
 
@@ -168,12 +168,13 @@ def test_integrity_check_finds_damaged_pages(data_dir: Path) -> None:
         assert s.check() != ["ok"]
 
 
-def test_locked_database_says_who_to_stop(data_dir: Path) -> None:
+def test_locked_database_says_what_holds_it(data_dir: Path) -> None:
     with Storage(data_dir, busy_timeout=0.1) as s:
+        # A program outside frys holding a write transaction, like a sqlite3 shell.
         blocker = sqlite3.connect(data_dir / DB_FILE, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
         try:
-            with pytest.raises(StorageError, match="locked by another connection"):
+            with pytest.raises(StorageError, match="a program outside frys"):
                 anyio.run(s.put, "ns", "k", 1)
         finally:
             blocker.execute("ROLLBACK")
@@ -234,3 +235,62 @@ def test_checkpoints_run_off_the_commit_path_and_close_folds_the_wal(data_dir: P
             assert len(s.list_prefix("ns", limit=5000)) == 3000
 
     anyio.run(main)
+
+
+def test_one_bad_write_does_not_fail_the_others_in_its_batch(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            outcomes: dict[str, object] = {}
+
+            async def put(key: object, value: object) -> None:
+                try:
+                    outcomes[str(key)] = await s.put("ns", key, value)  # type: ignore[arg-type]
+                except StorageError as e:
+                    outcomes[str(key)] = e
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(put, "good1", 1)
+                tg.start_soon(put, None, 2)
+                tg.start_soon(put, "bad-value", object())
+                tg.start_soon(put, "good2", 3)
+            assert outcomes["good1"] == 1 and outcomes["good2"] == 1
+            assert "key must be a non-empty string" in str(outcomes["None"])
+            assert "kv ns/bad-value: cannot store a value of type object" in str(
+                outcomes["bad-value"]
+            )
+            with pytest.raises(StorageError, match="up_to must be an int"):
+                await s.trim_events(2**64)
+            assert await s.put("ns", "after", 1) == 1
+
+    anyio.run(main)
+
+
+def test_more_writers_than_one_batch_all_get_their_own_result(data_dir: Path) -> None:
+    async def main() -> None:
+        with Storage(data_dir) as s:
+            results: dict[int, int] = {}
+
+            async def put(i: int) -> None:
+                results[i] = await s.put("ns", f"k{i}", i)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(5000):
+                    tg.start_soon(put, i)
+            assert results == {i: 1 for i in range(5000)}
+            assert s.commits >= 3  # MAX_BATCH is 2000
+
+    anyio.run(main)
+
+
+def test_backup_to_a_missing_directory_names_it(data_dir: Path, tmp_path: Path) -> None:
+    with Storage(data_dir) as s:
+        anyio.run(s.put, "ns", "k", 1)
+        with pytest.raises(StorageError, match=r"directory .*nowhere does not exist"):
+            s.backup(tmp_path / "nowhere" / "snap.db")
+
+
+def test_write_after_close_says_closed(data_dir: Path) -> None:
+    s = Storage(data_dir)
+    s.close()
+    with pytest.raises(StorageError, match="this Storage is closed"):
+        s.write([("delete", "ns", "k")])
