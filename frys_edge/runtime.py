@@ -35,7 +35,16 @@ from frys_edge.config import (
     changed_sections,
     load_config,
 )
-from frys_edge.core import Cache, Cancelled, EventBus, FrysError, RetryPolicy, Scheduler, Task
+from frys_edge.core import (
+    BusFull,
+    Cache,
+    Cancelled,
+    EventBus,
+    FrysError,
+    RetryPolicy,
+    Scheduler,
+    Task,
+)
 from frys_edge.metrics import Health, Metrics
 from frys_edge.storage import Storage
 
@@ -205,7 +214,10 @@ class Runtime:
         self.scheduler = Scheduler(
             max_pending=self.budget.max_pending_tasks, on_wake=self._wake_soon
         )
-        self.bus = EventBus(self.scheduler, default_maxsize=self.budget.bus_queue)
+        self.bus = EventBus(
+            self.scheduler, default_maxsize=self.budget.bus_queue, on_space=self._bus_space
+        )
+        self._space: asyncio.Event | None = None
         self.cache = Cache(max_entries=self.budget.cache_entries)
         self.storage: Storage | None = None
         self.started_at = 0.0
@@ -503,6 +515,31 @@ class Runtime:
     def _on_alarm(self) -> None:
         self._alarm = None
         self._service()
+
+    # -- bus ----------------------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: Any = None, timeout: float | None = None) -> int:
+        """Publish on the bus, waiting for room in full `block`-policy subscriptions.
+
+        Raises BusFull if there is still no room after timeout seconds (None: wait on).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self.bus.publish(topic, payload)
+            except BusFull:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            if self._space is None:
+                self._space = asyncio.Event()
+            space = self._space
+            with anyio.move_on_after(None if deadline is None else deadline - time.monotonic()):
+                await space.wait()
+
+    def _bus_space(self, _sub: Any) -> None:
+        space, self._space = self._space, None
+        if space is not None:
+            space.set()
 
     # -- supervised components ------------------------------------------------------------
 

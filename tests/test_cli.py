@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, clean_env, frys
 
 import frys_edge
@@ -199,3 +200,24 @@ def test_run_logs_json_lines_when_asked(tmp_path: Path) -> None:
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b'[system]\nlog_level = "loud"\n', ["system.log_level", '"debug"', '"error"']),
+        (b"system = 3\n", ["system", "table"]),
+        (b'[system]\ndata_dir = "\xff\xfe"\n', ["UTF-8"]),
+        (b'[memory]\nlimit = "64 parsecs"\n', ["memory.limit", "size"]),
+        (b'[memory]\nlimit = "1MB"\n', ["memory.limit", ">= 4 MiB"]),
+    ],
+)
+def test_config_check_names_each_kind_of_problem(
+    tmp_path: Path, content: bytes, needles: list[str]
+) -> None:
+    path = tmp_path / "frys.toml"
+    path.write_bytes(content)
+    result = frys("config", "check", str(path))
+    assert result.returncode == 2
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)

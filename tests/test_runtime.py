@@ -14,7 +14,7 @@ import pytest
 from conftest import clean_env
 
 from frys_edge.config import load_config
-from frys_edge.core import Cancelled, RetryPolicy
+from frys_edge.core import BusFull, Cancelled, RetryPolicy
 from frys_edge.runtime import NotRunning, PluginError, Runtime, budget_for
 
 
@@ -237,7 +237,7 @@ def test_native_plugin_lifecycle_while_running(tmp_path: Path) -> None:
 DRAIN = """
 import sys, anyio
 from frys_edge.config import load_config
-from frys_edge.core import Cancelled, RetryPolicy
+from frys_edge.core import BusFull, Cancelled, RetryPolicy
 from frys_edge.runtime import Runtime, serve
 
 async def slow_job(rt, seconds):
@@ -281,11 +281,15 @@ def test_sigterm_lets_in_flight_work_finish_and_exits_0(tmp_path: Path) -> None:
 
 
 def test_drain_gives_up_at_the_shutdown_timeout(tmp_path: Path) -> None:
+    from frys_edge.storage import Storage
+
     proc = start_drain_child(tmp_path / "data", job_seconds=60, timeout=0.5)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
-    assert time.monotonic() - t0 < 5
+    assert 0.5 <= time.monotonic() - t0 < 5
+    with Storage(tmp_path / "data", readonly=True) as store:
+        assert store.get("drain", "finished") is None, "the job was cancelled, not finished"
 
 
 def test_second_signal_exits_at_once(tmp_path: Path) -> None:
@@ -391,5 +395,29 @@ def test_plugin_errors_neither_stop_reloads_nor_leak_the_data_dir(tmp_path: Path
         from frys_edge.storage import Storage
 
         Storage(tmp_path / "data").close()  # the lock was released
+
+    anyio.run(main)
+
+
+def test_publish_waits_for_room_in_a_blocking_subscription(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt, _ = make_runtime(tmp_path)
+        async with rt:
+            sub = rt.bus.subscribe("sensors/#", maxsize=2, policy="block")
+            assert await rt.publish("sensors/1", 1) == 1
+            assert await rt.publish("sensors/1", 2) == 1
+            with pytest.raises(BusFull, match="is full"):
+                await rt.publish("sensors/1", 3, timeout=0.05)
+
+            async def consume_later() -> None:
+                await anyio.sleep(0.05)
+                sub.get_nowait()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume_later)
+                with anyio.fail_after(2):
+                    assert await rt.publish("sensors/1", 3) == 1
+            assert [sub.get_nowait().payload, sub.get_nowait().payload] == [2, 3]
+            assert sub.dropped == 0
 
     anyio.run(main)

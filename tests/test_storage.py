@@ -294,3 +294,15 @@ def test_write_after_close_says_closed(data_dir: Path) -> None:
     s.close()
     with pytest.raises(StorageError, match="this Storage is closed"):
         s.write([("delete", "ns", "k")])
+
+
+def test_a_database_from_a_newer_frys_is_refused(data_dir: Path) -> None:
+    Storage(data_dir).close()
+    conn = sqlite3.connect(data_dir / DB_FILE)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(StorageError, match="schema version 99 is newer than this frys"):
+        Storage(data_dir)
+    Storage(data_dir / "other").close()  # the failed open released its lock and files
+    with pytest.raises(StorageError, match="schema version 99"):
+        Storage(data_dir)
