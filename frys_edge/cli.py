@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path", metavar="PATH")
     backup.set_defaults(func=cmd_db_backup)
 
+    _workflow_parsers(sub)
+
     bench = sub.add_parser(
         "bench",
         help="run the foundation benchmarks and print the table",
@@ -140,6 +142,80 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def _workflow_parsers(sub: Any) -> None:
+    wf = sub.add_parser("workflow", help="validate, run and inspect workflows (no server needed)")
+    wsub = wf.add_subparsers(dest="action", metavar="ACTION", required=True)
+    validate = wsub.add_parser(
+        "validate",
+        help="check workflow definition files",
+        description="Validate definitions (YAML, JSON or TOML); exit 0 when all are valid, 2 "
+        "listing every problem with its line.\n\nexample:\n"
+        "  frys workflow validate examples/workflows/*.yaml",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.set_defaults(func=cmd_workflow_validate)
+
+    run = wsub.add_parser(
+        "run",
+        help="start a run (and wait for it with --wait)",
+        description="Start a run of a definition FILE or of a workflow NAME from [workflows] "
+        "dir. Without --wait the run is stored and continues at the next `frys run`. With "
+        "--wait, print the final status; exit 0 only if it succeeded.\n\nexample:\n"
+        "  frys workflow run examples/workflows/diamond.yaml --input reading=42 --wait --json",
+    )
+    _config_flags(run)
+    run.add_argument("workflow", metavar="FILE|NAME")
+    run.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an input (VALUE is JSON, else a string); repeat for more",
+    )
+    run.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a run with this key already stored is returned instead",
+    )
+    run.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    run.add_argument("--json", action="store_true", help="print the run as JSON")
+    run.set_defaults(func=cmd_workflow_run)
+
+    runs = wsub.add_parser(
+        "runs",
+        help="list runs, newest first",
+        description="List runs, newest first.\n\nexample:\n"
+        "  frys workflow runs --status failed --json",
+    )
+    _config_flags(runs)
+    runs.add_argument("--status", choices=["running", "succeeded", "failed", "cancelled"])
+    runs.add_argument("--workflow", metavar="NAME")
+    runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument("--json", action="store_true", help="print a JSON list of runs")
+    runs.set_defaults(func=cmd_workflow_runs)
+
+    show = wsub.add_parser(
+        "show",
+        help="show one run with its steps",
+        description="Show a run: status, inputs, outputs, and each step's attempts, timings, "
+        "output and error.\n\nexample:\n  frys workflow show 3f2a... --json",
+    )
+    _config_flags(show)
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true", help="print the run as JSON")
+    show.set_defaults(func=cmd_workflow_show)
+
+    cancel = wsub.add_parser(
+        "cancel",
+        help="cancel a run that has not finished",
+        description="Mark a stored run cancelled (when no `frys run` holds the data dir).\n\n"
+        "example:\n  frys workflow cancel 3f2a...",
+    )
+    _config_flags(cancel)
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.set_defaults(func=cmd_workflow_cancel)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -268,6 +344,148 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
     with _open_storage(args, readonly=True) as store:
         dest = store.backup(args.path)
     print(f"backed up {store.path} to {dest}")
+    return EXIT_OK
+
+
+def run_document(run: Any, steps: list[Any]) -> dict[str, Any]:
+    """The stable JSON shape of a run, shared by `run --json` and `show --json`."""
+    return {
+        "id": run.id,
+        "workflow": run.workflow,
+        "status": run.status,
+        "inputs": run.inputs,
+        "outputs": run.outputs,
+        "error": run.error,
+        "idempotency_key": run.idempotency_key,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "steps": [
+            {
+                "name": s.name,
+                "status": s.status,
+                "attempts": s.attempts,
+                "output": s.output,
+                "error": s.error,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "wake_at": s.wake_at,
+            }
+            for s in steps
+        ],
+    }
+
+
+def _print_run(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"run {doc['id']} of {doc['workflow']}: {doc['status']}")
+    if doc["error"]:
+        print(f"  error: {doc['error']}")
+    for step in doc["steps"]:
+        line = f"  {step['name']}: {step['status']} ({step['attempts']} attempts)"
+        if step["error"]:
+            line += f" - {step['error']}"
+        print(line)
+    if doc["outputs"] is not None:
+        print(f"  outputs: {json.dumps(doc['outputs'])}")
+
+
+def cmd_workflow_validate(args: argparse.Namespace) -> int:
+    from frys_edge.engine import BUILTIN_ACTIONS
+    from frys_edge.workflow import WorkflowError, load_workflow
+
+    failed = False
+    for path in args.files:
+        try:
+            load_workflow(path, BUILTIN_ACTIONS)
+        except WorkflowError as e:
+            print(f"frys: {e}", file=sys.stderr)
+            failed = True
+        else:
+            print(f"{path}: ok")
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def cmd_workflow_run(args: argparse.Namespace) -> int:
+    import anyio
+
+    from frys_edge.runtime import Runtime, configure_logging
+    from frys_edge.workflow import DefinitionError, WorkflowError, parse_input_pair
+
+    loaded = _load(args)
+    configure_logging(loaded.config.system.log_level, loaded.config.system.log_format)
+    try:
+        inputs = dict(parse_input_pair(text) for text in args.input)
+    except WorkflowError as e:
+        print(f"frys: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
+        async with Runtime(loaded, overrides=_overrides(args)) as rt:
+            engine = rt.engine
+            target = engine.load(args.workflow) if _is_file(args.workflow) else args.workflow
+            run_id = await engine.start(target, inputs, idempotency_key=args.idempotency_key)
+            if not args.wait:
+                print(run_id)
+                return EXIT_OK
+            run = await engine.wait(run_id)
+            assert rt.storage is not None
+            _print_run(run_document(run, rt.storage.run_steps(run_id)), args.json)
+            return EXIT_OK if run.status == "succeeded" else EXIT_FAILURE
+
+    try:
+        return anyio.run(main)
+    except DefinitionError as e:
+        print(f"frys: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_file(target: str) -> bool:
+    from pathlib import Path
+
+    return Path(target).is_file()
+
+
+def cmd_workflow_runs(args: argparse.Namespace) -> int:
+    with _open_storage(args, readonly=True) as store:
+        runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
+        if args.json:
+            print(json.dumps([run_document(run, []) | {"steps": None} for run in runs], indent=2))
+            return EXIT_OK
+        for run in runs:
+            print(f"{run.id}  {run.workflow}  {run.status}  {run.error or ''}".rstrip())
+    return EXIT_OK
+
+
+def cmd_workflow_show(args: argparse.Namespace) -> int:
+    with _open_storage(args, readonly=True) as store:
+        run = store.get_run(args.run_id)
+        if run is None:
+            print(
+                f"frys: no run {args.run_id!r}; list them with `frys workflow runs`",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        _print_run(run_document(run, store.run_steps(run.id)), args.json)
+    return EXIT_OK
+
+
+def cmd_workflow_cancel(args: argparse.Namespace) -> int:
+    import anyio
+
+    with _open_storage(args, readonly=False) as store:
+        run = store.get_run(args.run_id)
+        if run is None:
+            print(
+                f"frys: no run {args.run_id!r}; list them with `frys workflow runs`",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        if not anyio.run(store.end_run, run.id, "cancelled", None, "cancelled"):
+            print(f"frys: run {run.id} already {run.status}", file=sys.stderr)
+            return EXIT_FAILURE
+    print(f"cancelled {run.id}")
     return EXIT_OK
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "Problem",
     "StorageConfig",
     "SystemConfig",
+    "WorkflowsConfig",
     "changed_keys",
     "changed_sections",
     "config_items",
@@ -114,6 +115,15 @@ class MemoryConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     limit: Annotated[_Size, msgspec.Meta(ge=4 * _MIB)] = 64 * _MIB
 
 
+class WorkflowsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Where workflow definitions live and how many runs may be in flight."""
+
+    # Directory of definition files (.yaml, .yml, .json, .toml) loaded by `frys run`.
+    dir: str = "./workflows"
+    # Runs in flight at once; starting more waits for a free slot.
+    max_runs: Annotated[int, msgspec.Meta(ge=1)] = 10000
+
+
 class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The whole configuration; every section defaults to its defaults."""
 
@@ -122,6 +132,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     network: NetworkConfig = NetworkConfig()
     plugins: PluginsConfig = PluginsConfig()
     memory: MemoryConfig = MemoryConfig()
+    workflows: WorkflowsConfig = WorkflowsConfig()
 
 
 class Problem(msgspec.Struct, frozen=True):

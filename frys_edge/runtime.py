@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -45,8 +46,10 @@ from frys_edge.core import (
     Scheduler,
     Task,
 )
+from frys_edge.engine import Engine
 from frys_edge.metrics import Health, Metrics
 from frys_edge.storage import Storage
+from frys_edge.workflow import WorkflowError
 
 log = logging.getLogger("frys")
 
@@ -219,6 +222,7 @@ class Runtime:
         )
         self._space: asyncio.Event | None = None
         self.cache = Cache(max_entries=self.budget.cache_entries)
+        self.engine = Engine(self, max_runs=config.config.workflows.max_runs)
         self.storage: Storage | None = None
         self.started_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -271,6 +275,11 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
+        self._load_workflows(Path(cfg.workflows.dir))
+        await self.engine.resume()
+        if self.engine.unresumable:
+            count = len(self.engine.unresumable)
+            self.health.set("workflows", "degraded", f"{count} runs cannot resume; see the log")
         self.supervise("memory-watch", self._watch_memory)
         if self._watcher is not None:
             self.supervise("config-watch", self._watch_config)
@@ -281,6 +290,25 @@ class Runtime:
             cfg.system.data_dir,
             cfg.storage.sync,
         )
+
+    def _load_workflows(self, directory: Path) -> None:
+        """Load every definition in the workflows dir; a bad file degrades health, not start."""
+        if not directory.is_dir():
+            return
+        problems = []
+        for path in sorted(directory.iterdir()):
+            if path.suffix not in (".yaml", ".yml", ".json", ".toml"):
+                continue
+            try:
+                self.engine.load(str(path))
+            except WorkflowError as e:
+                problems.append(str(e))
+                log.error("workflow definition not loaded: %s", e)
+        if problems:
+            self.health.set("workflows", "degraded", "; ".join(problems))
+        else:
+            self.health.set("workflows", "ok")
+        log.info("loaded %d workflows from %s", len(self.engine.workflows), directory)
 
     def _open_storage(self) -> Storage:
         cfg = self.config
@@ -305,6 +333,7 @@ class Runtime:
         self._accepting = False
         timeout = self.config.system.shutdown_timeout
         try:
+            await self.engine.stop(timeout)
             with anyio.move_on_after(timeout) as scope:
                 while self.scheduler.stats()["running"]:
                     await anyio.sleep(0.01)

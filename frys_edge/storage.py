@@ -1,8 +1,9 @@
 """Storage: the only module that speaks SQL; one SQLite file in WAL mode under the data dir.
 
-It owns the key-value store, the append-only event log, schema migrations, the data-dir
-lock, group commit and backups. It knows nothing of workflows or plugins; callers hand it
-plain values that msgspec can encode as JSON. Reads and `write` work from any thread; the
+It owns the key-value store, the append-only event log, the records of workflow runs and
+their steps, schema migrations, the data-dir lock, group commit and backups. It does not know
+how workflows run or what plugins are; callers hand it plain values that msgspec can encode
+as JSON. Reads and `write` work from any thread; the
 async writes group-commit on the running asyncio loop (anyio's asyncio backend, or Pyodide's).
 
 Durability contract (also in the README):
@@ -57,7 +58,42 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_topic ON events (topic, seq);
     """,
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        status TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        outputs TEXT,
+        error TEXT,
+        idempotency_key TEXT UNIQUE,
+        parent_run TEXT,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        deadline REAL
+    );
+    CREATE INDEX runs_status ON runs (status, created_at);
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL,
+        output TEXT,
+        error TEXT,
+        started_at REAL,
+        finished_at REAL,
+        wake_at REAL,
+        PRIMARY KEY (run_id, name)
+    ) WITHOUT ROWID;
+    """,
 )
+RUN_COLUMNS = (
+    "id, workflow, status, definition, inputs, outputs, error, idempotency_key, parent_run,"
+    " created_at, finished_at, deadline"
+)
+STEP_COLUMNS = "name, status, attempts, output, error, started_at, finished_at, wake_at"
+UNFINISHED = ("running",)
 
 Sync = Literal["normal", "full"]
 # A write operation: ("put", ns, key, json, now) | ("cas", ns, key, json, now, expected)
@@ -104,6 +140,46 @@ class Event(msgspec.Struct, frozen=True):
     topic: str
     payload: Any
     ts: float
+
+
+class RunRecord(msgspec.Struct, frozen=True):
+    """One workflow run as stored; `definition` is the workflow it runs, as JSON text."""
+
+    id: str
+    workflow: str
+    status: str
+    definition: str
+    inputs: Any
+    outputs: Any
+    error: str | None
+    idempotency_key: str | None
+    parent_run: str | None
+    created_at: float
+    finished_at: float | None
+    deadline: float | None
+
+
+class StepRecord(msgspec.Struct, frozen=True):
+    """The latest state of one step of a run."""
+
+    name: str
+    status: str
+    attempts: int
+    output: Any
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
+    wake_at: float | None
+
+
+def _run_record(row: Sequence[Any]) -> RunRecord:
+    outputs = None if row[5] is None else _decode(row[5])
+    return RunRecord(row[0], row[1], row[2], row[3], _decode(row[4]), outputs, *row[6:])
+
+
+def _step_record(row: Sequence[Any]) -> StepRecord:
+    output = None if row[3] is None else _decode(row[3])
+    return StepRecord(row[0], row[1], row[2], output, *row[4:])
 
 
 _encode = msgspec.json.encode
@@ -427,6 +503,42 @@ class Storage:
             rows = conn.execute(sql, args).fetchall()
         return [Event(r[0], r[1], _decode(r[2]), r[3]) for r in rows]
 
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._reader("reading a run") as conn:
+            row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else _run_record(row)
+
+    def list_runs(
+        self, *, status: str | None = None, workflow: str | None = None, limit: int = 100
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally of one status and/or workflow."""
+        sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"
+        args: list[Any] = []
+        if status is not None:
+            sql += " AND status = ?"
+            args.append(status)
+        if workflow is not None:
+            sql += " AND workflow = ?"
+            args.append(workflow)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        with self._reader("listing runs") as conn:
+            return [_run_record(row) for row in conn.execute(sql, args).fetchall()]
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        """Every run that has not reached a final status, oldest first."""
+        marks = ", ".join("?" * len(UNFINISHED))
+        sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE status IN ({marks}) ORDER BY created_at"
+        with self._reader("listing unfinished runs") as conn:
+            return [_run_record(row) for row in conn.execute(sql, UNFINISHED).fetchall()]
+
+    def run_steps(self, run_id: str) -> list[StepRecord]:
+        """The recorded state of each step of a run that has one."""
+        sql = f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY started_at, name"
+        with self._reader("reading steps") as conn:
+            return [_step_record(row) for row in conn.execute(sql, (run_id,)).fetchall()]
+
     def last_seq(self) -> int:
         """The sequence number of the newest event, 0 when the log is empty."""
         with self._reader("reading events") as conn:
@@ -495,9 +607,40 @@ class Storage:
             return w.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", op[1:3]).rowcount > 0
         if kind == "cas":
             return Storage._cas(w, op)
+        if kind == "step":
+            w.execute(
+                "INSERT OR REPLACE INTO steps (run_id, name, status, attempts, output, error,"
+                " started_at, finished_at, wake_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                op[1:],
+            )
+            return None
+        if kind == "run_new":
+            return Storage._new_run(w, op)
+        if kind == "run_end":
+            marks = ", ".join("?" * len(UNFINISHED))
+            return (
+                w.execute(
+                    "UPDATE runs SET status = ?, outputs = ?, error = ?, finished_at = ?"
+                    f" WHERE id = ? AND status IN ({marks})",
+                    (*op[2:], op[1], *UNFINISHED),
+                ).rowcount
+                > 0
+            )
         if kind == "trim":
             return w.execute("DELETE FROM events WHERE seq <= ?", (op[1],)).rowcount
         raise StorageError(f"unknown storage operation {kind!r}")
+
+    @staticmethod
+    def _new_run(w: sqlite3.Connection, op: Op) -> tuple[bool, str]:
+        row = w.execute(
+            f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, 'running', ?, ?, NULL, NULL, ?, ?,"
+            " ?, NULL, ?) ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+            op[1:],
+        ).fetchone()
+        if row is not None:
+            return True, row[0]
+        existing = w.execute("SELECT id FROM runs WHERE idempotency_key = ?", (op[5],)).fetchone()
+        return False, existing[0]
 
     @staticmethod
     def _cas(w: sqlite3.Connection, op: Op) -> tuple[bool, int]:
@@ -638,6 +781,69 @@ class Storage:
         if not isinstance(up_to, int) or not 0 <= up_to < 2**63:
             raise StorageError(f"trim_events: up_to must be an int >= 0, got {up_to!r}")
         return await self._submit(("trim", up_to))  # type: ignore[no-any-return]
+
+    async def new_run(
+        self,
+        run_id: str,
+        workflow: str,
+        definition: str,
+        inputs: Any,
+        *,
+        idempotency_key: str | None = None,
+        parent_run: str | None = None,
+        deadline: float | None = None,
+    ) -> tuple[bool, str]:
+        """Store a new running run; with a key already used, return (False, that run's id)."""
+        _check_name("run id", run_id)
+        op = (
+            "run_new",
+            run_id,
+            workflow,
+            definition,
+            encode_value(inputs, f"inputs of run {run_id}"),
+            idempotency_key,
+            parent_run,
+            time.time(),
+            deadline,
+        )
+        return await self._submit(op)  # type: ignore[no-any-return]
+
+    async def end_run(
+        self, run_id: str, status: str, outputs: Any = None, error: str | None = None
+    ) -> bool:
+        """Record a run's final status; False if it had already ended (e.g. cancelled)."""
+        encoded = None if outputs is None else encode_value(outputs, f"outputs of run {run_id}")
+        op = ("run_end", run_id, status, encoded, error, time.time())
+        return await self._submit(op)  # type: ignore[no-any-return]
+
+    async def record_step(
+        self,
+        run_id: str,
+        name: str,
+        status: str,
+        attempts: int,
+        *,
+        output: Any = None,
+        error: str | None = None,
+        started_at: float | None = None,
+        finished_at: float | None = None,
+        wake_at: float | None = None,
+    ) -> None:
+        """Record the latest state of one step; returns once it is committed."""
+        encoded = None if output is None else encode_value(output, f"output of step {name}")
+        op = (
+            "step",
+            run_id,
+            name,
+            status,
+            attempts,
+            encoded,
+            error,
+            started_at,
+            finished_at,
+            wake_at,
+        )
+        await self._submit(op)
 
     # -- maintenance ---------------------------------------------------------------------
 

@@ -43,6 +43,11 @@ def test_every_command_has_help_with_an_example() -> None:
         ["kv", "delete"],
         ["db", "check"],
         ["db", "backup"],
+        ["workflow", "validate"],
+        ["workflow", "run"],
+        ["workflow", "runs"],
+        ["workflow", "show"],
+        ["workflow", "cancel"],
         ["bench"],
     ):
         result = frys(*args, "--help")
@@ -221,3 +226,71 @@ def test_config_check_names_each_kind_of_problem(
     assert result.returncode == 2
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
+
+
+def test_workflow_validate_reports_a_cycle_and_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "name: loop\n"
+        "steps:\n"
+        "  - name: a\n    action: log\n    needs: [b]\n"
+        "  - name: b\n    action: vector_search\n    needs: [a]\n"
+    )
+    result = frys("workflow", "validate", str(bad), str(ROOT / "examples/workflows/diamond.yaml"))
+    assert result.returncode == 2
+    assert "cycle" in result.stderr and "a -> b" in result.stderr.replace("b -> a", "a -> b")
+    assert "unknown action 'vector_search'" in result.stderr and "bad.yaml:7" in result.stderr
+    assert "diamond.yaml: ok" in result.stdout
+
+
+def test_design_document_example_is_rejected_naming_vector_search() -> None:
+    result = frys("workflow", "validate", str(ROOT / "examples/workflows/design_doc.yaml"))
+    assert result.returncode == 2
+    assert "vector_search" in result.stderr and "known: emit, kv.get" in result.stderr
+
+
+def test_diamond_runs_to_succeeded_and_is_listed(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    diamond = str(ROOT / "examples/workflows/diamond.yaml")
+    result = frys(
+        "workflow", "run", "-c", str(path), diamond, "--input", "greeting=hi", "--wait", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["status"] == "succeeded"
+    assert [s["status"] for s in doc["steps"]] == ["succeeded"] * 4
+    assert doc["outputs"]["d"]["version"] == 1
+    runs = json.loads(frys("workflow", "runs", "-c", str(path), "--json").stdout)
+    assert [(r["id"], r["status"]) for r in runs] == [(doc["id"], "succeeded")]
+    shown = frys("workflow", "show", "-c", str(path), doc["id"], "--json")
+    assert json.loads(shown.stdout)["steps"] == doc["steps"]
+    text = frys("workflow", "show", "-c", str(path), doc["id"]).stdout
+    assert f"run {doc['id']} of diamond: succeeded" in text
+
+
+def test_workflow_run_without_wait_leaves_the_run_to_resume(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    sleepy = tmp_path / "sleepy.yaml"
+    sleepy.write_text(
+        "name: sleepy\nsteps:\n  - name: nap\n    action: sleep\n    params: {seconds: 60}\n"
+    )
+    env = clean_env(FRYS_SYSTEM_SHUTDOWN_TIMEOUT="0.1")
+    started = frys("workflow", "run", "-c", str(path), str(sleepy), env=env)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.strip()
+    listed = frys("workflow", "runs", "-c", str(path), "--status", "running").stdout
+    assert run_id in listed
+    cancelled = frys("workflow", "cancel", "-c", str(path), run_id)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    again = frys("workflow", "cancel", "-c", str(path), run_id)
+    assert again.returncode == 1 and "already cancelled" in again.stderr
+
+
+def test_workflow_run_with_bad_input_exits_2(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    diamond = str(ROOT / "examples/workflows/diamond.yaml")
+    result = frys("workflow", "run", "-c", str(path), diamond, "--input", "greeting=1", "--wait")
+    assert result.returncode == 2
+    assert "inputs.greeting" in result.stderr
+    missing = frys("workflow", "run", "-c", str(path), diamond, "--input", "nokey")
+    assert missing.returncode == 2

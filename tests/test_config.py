@@ -401,7 +401,7 @@ def test_bad_override_is_reported_as_a_flag() -> None:
     assert problems_of(excinfo) == [
         'flag: network.port: expected int, got str "http"',
         'flag: nowhere: unknown section "nowhere"; '
-        "known: system, storage, network, plugins, memory",
+        "known: system, storage, network, plugins, memory, workflows",
         'flag: system: expected a dotted key such as "system.data_dir"',
     ]
 
@@ -445,8 +445,8 @@ def test_config_items_list_every_key_in_schema_order() -> None:
     items = config_items(Config())
     assert items[0] == ("system.data_dir", "./data")
     assert ("network.token", None) in items
-    assert items[-1] == ("memory.limit", 64 * MIB)
-    assert len(items) == 19
+    assert items[-1] == ("workflows.max_runs", 10000)
+    assert len(items) == 21
 
 
 def test_display_value_masks_the_token_and_shows_sizes_in_human_units() -> None:

@@ -1,0 +1,258 @@
+"""The durable workflow engine on a real runtime and a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from frys_edge.config import load_config
+from frys_edge.engine import ActionContext
+from frys_edge.runtime import Runtime
+from frys_edge.workflow import DefinitionError, WorkflowError, parse_workflow
+
+
+def make_runtime(tmp_path: Path, body: str = "") -> Runtime:
+    path = tmp_path / "frys.toml"
+    path.write_text(f'[system]\ndata_dir = "{tmp_path / "data"}"\n{body}')
+    return Runtime(load_config(path, env={}))
+
+
+def define(rt: Runtime, spec: dict[str, Any]) -> Any:
+    workflow = parse_workflow(spec, rt.engine.actions)
+    rt.engine.workflows[workflow.spec.name] = workflow
+    return workflow
+
+
+DIAMOND = {
+    "name": "diamond",
+    "inputs": {"reading": {"type": "number"}},
+    "steps": [
+        {"name": "a", "action": "kv.put", "params": {"key": "a", "value": "${{ inputs.reading }}"}},
+        {"name": "b", "action": "log", "needs": ["a"], "params": {"message": "b"}},
+        {"name": "c", "action": "kv.get", "needs": ["a"], "params": {"key": "a"}},
+        {
+            "name": "d",
+            "action": "log",
+            "needs": ["b", "c"],
+            "params": {"message": "c read ${{ steps.c.output }}"},
+        },
+    ],
+    "outputs": {"read": "${{ steps.c.output }}", "said": "${{ steps.d.output.message }}"},
+}
+
+
+def test_diamond_runs_each_step_once_in_dependency_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            define(rt, DIAMOND)
+            run_id = await rt.engine.start("diamond", {"reading": 21.5})
+            run = await rt.engine.wait(run_id)
+            assert run.status == "succeeded", run.error
+            assert run.outputs == {"read": 21.5, "said": "c read 21.5"}
+            assert rt.storage is not None
+            steps = {s.name: s for s in rt.storage.run_steps(run_id)}
+            assert {n: (s.status, s.attempts) for n, s in steps.items()} == {
+                n: ("succeeded", 1) for n in "abcd"
+            }
+            assert steps["a"].finished_at <= steps["b"].started_at  # type: ignore[operator]
+            assert steps["c"].finished_at <= steps["d"].started_at  # type: ignore[operator]
+
+    anyio.run(main)
+
+
+def test_failing_step_is_retried_by_its_policy(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            calls: list[float] = []
+
+            @rt.engine.action("flaky")
+            async def flaky(ctx: ActionContext, params: dict[str, Any]) -> Any:
+                calls.append(time.monotonic())
+                if len(calls) < 3:
+                    raise ConnectionError("collector unreachable")
+                return {"attempt": ctx.attempt}
+
+            retry = {"max_attempts": 3, "initial_delay": 0.05, "jitter": False}
+            define(rt, {"name": "w", "steps": [{"name": "s", "action": "flaky", "retry": retry}]})
+            run = await rt.engine.wait(await rt.engine.start("w"))
+            assert run.status == "succeeded"
+            assert rt.storage is not None
+            (step,) = rt.storage.run_steps(run.id)
+            assert (step.attempts, step.output) == (3, {"attempt": 3})
+            assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1
+
+            define(rt, {"name": "w2", "steps": [{"name": "s", "action": "flaky"}]})
+            calls.clear()
+            failed = await rt.engine.wait(await rt.engine.start("w2"))
+            assert failed.status == "failed" and failed.error == "step s failed"
+            (step,) = rt.storage.run_steps(failed.id)
+            assert step.error == "ConnectionError: collector unreachable"
+
+    anyio.run(main)
+
+
+def test_conditions_skip_and_on_error_continue(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+
+            @rt.engine.action("boom")
+            async def boom(ctx: ActionContext, params: dict[str, Any]) -> Any:
+                raise ValueError("sensor offline")
+
+            define(
+                rt,
+                {
+                    "name": "w",
+                    "inputs": {"hot": {"type": "boolean", "default": False}},
+                    "steps": [
+                        {"name": "alert", "action": "log", "if": "inputs.hot"},
+                        {"name": "read", "action": "boom", "on_error": "continue"},
+                        {"name": "after", "action": "log", "needs": ["read", "alert"]},
+                    ],
+                },
+            )
+            run = await rt.engine.wait(await rt.engine.start("w"))
+            assert run.status == "succeeded"
+            assert rt.storage is not None
+            states = {s.name: s.status for s in rt.storage.run_steps(run.id)}
+            assert states == {"alert": "skipped", "read": "failed", "after": "succeeded"}
+
+    anyio.run(main)
+
+
+def test_idempotency_key_returns_the_existing_run(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            define(rt, DIAMOND)
+            first = await rt.engine.start("diamond", {"reading": 1}, idempotency_key="batch-7")
+            again = await rt.engine.start("diamond", {"reading": 2}, idempotency_key="batch-7")
+            assert first == again
+            await rt.engine.wait(first)
+            assert rt.storage is not None
+            assert len(rt.storage.list_runs(workflow="diamond")) == 1
+
+    anyio.run(main)
+
+
+def test_step_and_run_timeouts_fail_the_run(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            slow = {"name": "s", "action": "sleep", "params": {"seconds": 5}, "timeout": 0.1}
+            define(rt, {"name": "step_timeout", "steps": [slow]})
+            run = await rt.engine.wait(await rt.engine.start("step_timeout"))
+            assert run.status == "failed"
+            assert rt.storage is not None
+            assert rt.storage.run_steps(run.id)[0].error == "timed out after 0.1 s"
+            sleepy = {"name": "s", "action": "sleep", "params": {"seconds": 5}}
+            define(rt, {"name": "run_timeout", "timeout": 0.2, "steps": [sleepy]})
+            t0 = time.monotonic()
+            run = await rt.engine.wait(await rt.engine.start("run_timeout"))
+            assert (run.status, run.error) == ("failed", "run timed out after 0.2 s")
+            assert time.monotonic() - t0 < 2
+
+    anyio.run(main)
+
+
+def test_cancel_stops_running_steps(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            sleepy = {"name": "s", "action": "sleep", "params": {"seconds": 30}}
+            define(
+                rt, {"name": "w", "steps": [sleepy, {"name": "t", "action": "log", "needs": ["s"]}]}
+            )
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(0.05)
+            assert await rt.engine.cancel(run_id) is True
+            run = await rt.engine.wait(run_id)
+            assert run.status == "cancelled"
+            assert await rt.engine.cancel(run_id) is False
+
+    anyio.run(main)
+
+
+def test_kv_and_emit_actions_reach_storage_and_the_bus(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            sub = rt.bus.subscribe("alerts/#")
+            done = rt.bus.subscribe("workflow/#")
+            define(
+                rt,
+                {
+                    "name": "w",
+                    "steps": [
+                        {"name": "put", "action": "kv.put", "params": {"key": "k", "value": [1]}},
+                        {
+                            "name": "get",
+                            "action": "kv.get",
+                            "needs": ["put"],
+                            "params": {"key": "k"},
+                        },
+                        {
+                            "name": "tell",
+                            "action": "emit",
+                            "needs": ["get"],
+                            "params": {"topic": "alerts/hot", "payload": "${{ steps.get.output }}"},
+                        },
+                    ],
+                },
+            )
+            run = await rt.engine.wait(await rt.engine.start("w"))
+            assert run.status == "succeeded"
+            message = sub.get_nowait()
+            assert message is not None and message.payload == [1]
+            finished = done.get_nowait()
+            assert finished is not None and finished.topic == "workflow/w/succeeded"
+            assert rt.storage is not None
+            entry = rt.storage.get("workflow", "k")
+            assert entry is not None and entry.value == [1]
+
+    anyio.run(main)
+
+
+def test_bad_inputs_and_unknown_workflows_are_refused(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            define(rt, DIAMOND)
+            with pytest.raises(DefinitionError, match=r"inputs\.reading"):
+                await rt.engine.start("diamond", {"reading": "hot"})
+            with pytest.raises(WorkflowError, match="unknown workflow 'nope'"):
+                await rt.engine.start("nope")
+
+    anyio.run(main)
+
+
+def test_unfinished_runs_resume_after_a_restart_and_keep_their_deadlines(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt = make_runtime(tmp_path, "shutdown_timeout = 0.2\n")
+        spec = {
+            "name": "w",
+            "steps": [
+                {"name": "first", "action": "log"},
+                {"name": "nap", "action": "sleep", "needs": ["first"], "params": {"seconds": 2}},
+                {"name": "last", "action": "log", "needs": ["nap"]},
+            ],
+        }
+        async with rt:
+            define(rt, spec)
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(1.0)
+        rt = make_runtime(tmp_path)
+        async with rt:
+            assert rt.storage is not None
+            before = {s.name: s for s in rt.storage.run_steps(run_id)}
+            assert before["first"].status == "succeeded" and "last" not in before
+            assert before["nap"].status == "sleeping" and before["nap"].wake_at is not None
+            run = await rt.engine.wait(run_id)
+            assert run.status == "succeeded"
+            steps = {s.name: s for s in rt.storage.run_steps(run_id)}
+            assert steps["first"].attempts == 1
+            # The sleep ends 2 s after it began, not 2 s after the restart.
+            nap_end = steps["nap"].finished_at
+            assert nap_end is not None
+            assert before["nap"].wake_at <= nap_end < before["nap"].wake_at + 0.5
+
+    anyio.run(main)
