@@ -392,7 +392,7 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_workflow_validate(args: argparse.Namespace) -> int:
-    from frys_edge.engine import BUILTIN_ACTIONS
+    from frys_edge.actions import BUILTIN_ACTIONS
     from frys_edge.workflow import WorkflowError, load_workflow
 
     failed = False

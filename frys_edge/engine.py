@@ -13,11 +13,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from frys_edge.actions import BUILTIN_ACTIONS, Action, ActionContext
 from frys_edge.core import FrysError, RetryPolicy
 from frys_edge.expr import evaluate_condition, render_value
 from frys_edge.storage import RunRecord, StepRecord, Storage
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("frys.workflow")
 
 FINAL = ("succeeded", "failed", "cancelled")
-KV_NAMESPACE = "workflow"
 
 
 class RunNotFound(WorkflowError):
@@ -45,82 +45,6 @@ class RunNotFound(WorkflowError):
 
 class _Suspended(Exception):
     """The engine is stopping: leave the run as it is stored, to resume at the next start."""
-
-
-class ActionContext:
-    """What an action knows about the step it runs for."""
-
-    def __init__(
-        self, engine: Engine, run: RunRecord, step: str, attempt: int, wake_at: float | None
-    ) -> None:
-        self.engine = engine
-        self.rt = engine.rt
-        self.run_id = run.id
-        self.workflow = run.workflow
-        self.step = step
-        self.attempt = attempt
-        self.wake_at = wake_at
-
-    async def durable_deadline(self, seconds: float) -> float:
-        """A wall-clock deadline `seconds` from the first call, kept across restarts."""
-        if self.wake_at is None:
-            self.wake_at = time.time() + seconds
-            await self.engine.storage.record_step(
-                self.run_id, self.step, "sleeping", self.attempt - 1, wake_at=self.wake_at
-            )
-        return self.wake_at
-
-
-Action = Callable[[ActionContext, dict[str, Any]], Awaitable[Any]]
-
-
-def _params(params: dict[str, Any], action: str, *required: str) -> None:
-    missing = [name for name in required if name not in params]
-    if missing:
-        raise WorkflowError(f"action {action}: missing params {', '.join(missing)}")
-
-
-async def _log(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    message = str(params.get("message", ""))
-    level = getattr(logging, str(params.get("level", "info")).upper(), logging.INFO)
-    log.log(level, "%s/%s: %s", ctx.workflow, ctx.step, message, extra={"run": ctx.run_id})
-    return {"message": message}
-
-
-async def _sleep(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    _params(params, "sleep", "seconds")
-    seconds = float(params["seconds"])
-    deadline = await ctx.durable_deadline(seconds)
-    await anyio.sleep(max(0.0, deadline - time.time()))
-    return {"slept": seconds}
-
-
-async def _kv_get(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    _params(params, "kv.get", "key")
-    entry = ctx.engine.storage.get(params.get("namespace", KV_NAMESPACE), str(params["key"]))
-    return params.get("default") if entry is None else entry.value
-
-
-async def _kv_put(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    _params(params, "kv.put", "key", "value")
-    namespace = params.get("namespace", KV_NAMESPACE)
-    version = await ctx.engine.storage.put(namespace, str(params["key"]), params["value"])
-    return {"version": version}
-
-
-async def _emit(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    _params(params, "emit", "topic")
-    delivered = await ctx.rt.publish(str(params["topic"]), params.get("payload"))
-    return {"delivered": delivered}
-
-
-BUILTIN_ACTIONS: dict[str, Action] = {
-    "log": _log,
-    "sleep": _sleep,
-    "kv.get": _kv_get,
-    "kv.put": _kv_put,
-    "emit": _emit,
-}
 
 
 class Engine:
@@ -268,7 +192,9 @@ class Engine:
         return await future
 
     async def cancel(self, run_id: str) -> bool:
-        """Cancel a run and its running steps; False if it had already finished."""
+        """Cancel a run, its running steps and its child runs; False if it had finished."""
+        for child in self.storage.list_runs(parent_run=run_id, status="running", limit=10**6):
+            await self.cancel(child.id)
         task = self._active.get(run_id)
         if task is not None:
             task.cancel()
@@ -399,13 +325,13 @@ class Engine:
         )
         attempts = recorded.attempts if recorded is not None else 0
         wake_at = recorded.wake_at if recorded is not None else None
-        sleeping = recorded is not None and recorded.status == "sleeping"
+        suspended = recorded if recorded is not None and recorded.status == "suspended" else None
         if recorded is not None and recorded.status == "waiting" and wake_at is not None:
             await anyio.sleep(max(0.0, wake_at - time.time()))
         while True:
             attempts += 1
             started = time.time()
-            ctx = ActionContext(self, run, name, attempts, wake_at if sleeping else None)
+            ctx = ActionContext(self, run, name, attempts, suspended)
             try:
                 params = render_value(workflow.params[name], context)
                 with anyio.fail_after(spec.timeout):
@@ -417,7 +343,7 @@ class Engine:
                 if policy.should_retry(attempts):
                     self._retried.inc()
                     wake_at = time.time() + policy.delay(attempts)
-                    sleeping = False
+                    suspended = None
                     await storage.record_step(
                         run.id, name, "waiting", attempts, error=error, wake_at=wake_at
                     )

@@ -510,11 +510,19 @@ class Storage:
         return None if row is None else _run_record(row)
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        parent_run: str | None = None,
+        limit: int = 100,
     ) -> list[RunRecord]:
-        """Runs, newest first, optionally of one status and/or workflow."""
+        """Runs, newest first, optionally of one status, workflow and/or parent run."""
         sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"
         args: list[Any] = []
+        if parent_run is not None:
+            sql += " AND parent_run = ?"
+            args.append(parent_run)
         if status is not None:
             sql += " AND status = ?"
             args.append(status)

@@ -12,6 +12,7 @@ import pytest
 from frys_edge.config import load_config
 from frys_edge.engine import ActionContext
 from frys_edge.runtime import Runtime
+from frys_edge.storage import Storage
 from frys_edge.workflow import DefinitionError, WorkflowError, parse_workflow
 
 
@@ -245,7 +246,7 @@ def test_unfinished_runs_resume_after_a_restart_and_keep_their_deadlines(tmp_pat
             assert rt.storage is not None
             before = {s.name: s for s in rt.storage.run_steps(run_id)}
             assert before["first"].status == "succeeded" and "last" not in before
-            assert before["nap"].status == "sleeping" and before["nap"].wake_at is not None
+            assert before["nap"].status == "suspended" and before["nap"].wake_at is not None
             run = await rt.engine.wait(run_id)
             assert run.status == "succeeded"
             steps = {s.name: s for s in rt.storage.run_steps(run_id)}
@@ -254,5 +255,174 @@ def test_unfinished_runs_resume_after_a_restart_and_keep_their_deadlines(tmp_pat
             nap_end = steps["nap"].finished_at
             assert nap_end is not None
             assert before["nap"].wake_at <= nap_end < before["nap"].wake_at + 0.5
+
+    anyio.run(main)
+
+
+def test_wait_event_gets_a_live_event_that_matches(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            wait = {
+                "name": "w",
+                "action": "wait_event",
+                "params": {"topic": "door/+/open", "match": {"door": "front"}, "timeout": 5},
+            }
+            define(rt, {"name": "w", "steps": [wait], "outputs": {"got": "${{ steps.w.output }}"}})
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(0.05)
+            await rt.publish("door/1/open", {"door": "back"})
+            await rt.publish("door/2/closed", {"door": "front"})
+            await rt.publish("door/3/open", {"door": "front", "by": "alice"})
+            run = await rt.engine.wait(run_id)
+            assert run.status == "succeeded"
+            got = run.outputs["got"]
+            assert (got["topic"], got["payload"]["by"]) == ("door/3/open", "alice")
+
+            define(rt, {"name": "t", "steps": [{**wait, "params": {"topic": "x", "timeout": 0.1}}]})
+            timed_out = await rt.engine.wait(await rt.engine.start("t"))
+            assert timed_out.status == "failed"
+
+    anyio.run(main)
+
+
+def test_wait_event_sees_a_durable_event_emitted_while_it_was_down(tmp_path: Path) -> None:
+    async def main() -> None:
+        wait = {"name": "w", "action": "wait_event", "params": {"topic": "ack/#"}}
+        async with make_runtime(tmp_path, "shutdown_timeout = 0.1\n") as rt:
+            define(rt, {"name": "w", "steps": [wait]})
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(0.1)
+        with Storage(tmp_path / "data") as store:  # the device is down; the log is not
+            await store.append("ack/7", {"ok": True})
+        async with make_runtime(tmp_path) as rt:
+            assert rt.storage is not None
+            with anyio.fail_after(5):
+                run = await rt.engine.wait(run_id)
+            assert run.status == "succeeded"
+            (step,) = rt.storage.run_steps(run_id)
+            assert step.output["payload"] == {"ok": True}
+
+    anyio.run(main)
+
+
+class Collector:
+    """A local HTTP server that fails the first `failures` POSTs, then stores bodies."""
+
+    def __init__(self, failures: int) -> None:
+        import http.server
+        import json
+        import threading
+
+        collector = self
+        self.failures = failures
+        self.received: list[Any] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if collector.failures > 0:
+                    collector.failures -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    self.wfile.write(b"busy")
+                    return
+                collector.received.append(json.loads(body))
+                reply = json.dumps({"stored": len(collector.received)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ingest"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_retries_until_the_collector_recovers(tmp_path: Path) -> None:
+    collector = Collector(failures=2)
+
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            step = {
+                "name": "send",
+                "action": "http",
+                "params": {"url": collector.url, "json": {"temp": 21.5}},
+                "retry": {"max_attempts": 5, "initial_delay": 0.05, "jitter": False},
+            }
+            define(rt, {"name": "w", "steps": [step], "outputs": {"r": "${{ steps.send.output }}"}})
+            run = await rt.engine.wait(await rt.engine.start("w"))
+            assert run.status == "succeeded", run.error
+            assert run.outputs["r"] == {"status": 200, "body": {"stored": 1}}
+            assert rt.storage is not None
+            assert rt.storage.run_steps(run.id)[0].attempts == 3
+            bad = {"name": "send", "action": "http", "params": {"url": "http://127.0.0.1:9/x"}}
+            define(rt, {"name": "down", "steps": [bad]})
+            failed = await rt.engine.wait(await rt.engine.start("down"))
+            assert failed.status == "failed"
+            assert "ConnectionError" in rt.storage.run_steps(failed.id)[0].error  # type: ignore[operator]
+
+    try:
+        anyio.run(main)
+    finally:
+        collector.close()
+    assert collector.received == [{"temp": 21.5}]
+
+
+def test_child_workflows_are_awaited_and_cancelled_with_their_parent(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            define(
+                rt,
+                {
+                    "name": "child",
+                    "inputs": {"n": {"type": "integer"}},
+                    "steps": [
+                        {"name": "s", "action": "log", "params": {"message": "${{ inputs.n }}"}}
+                    ],
+                    "outputs": {"said": "${{ steps.s.output.message }}"},
+                },
+            )
+            call = {
+                "name": "c",
+                "action": "workflow",
+                "params": {"workflow": "child", "inputs": {"n": 3}},
+            }
+            define(
+                rt,
+                {
+                    "name": "parent",
+                    "steps": [call],
+                    "outputs": {"o": "${{ steps.c.output.outputs }}"},
+                },
+            )
+            run = await rt.engine.wait(await rt.engine.start("parent"))
+            assert run.status == "succeeded"
+            assert run.outputs == {"o": {"said": "3"}}
+            assert rt.storage is not None
+            (child,) = rt.storage.list_runs(parent_run=run.id)
+            assert child.status == "succeeded" and child.idempotency_key == f"{run.id}/c"
+
+            define(
+                rt,
+                {
+                    "name": "slow",
+                    "steps": [{"name": "s", "action": "sleep", "params": {"seconds": 30}}],
+                },
+            )
+            call_slow = {"name": "c", "action": "workflow", "params": {"workflow": "slow"}}
+            define(rt, {"name": "parent2", "steps": [call_slow]})
+            parent_id = await rt.engine.start("parent2")
+            await anyio.sleep(0.1)
+            assert await rt.engine.cancel(parent_id)
+            (child,) = rt.storage.list_runs(parent_run=parent_id)
+            assert child.status == "cancelled"
 
     anyio.run(main)
