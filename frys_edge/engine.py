@@ -14,15 +14,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from cronsim import CronSim
 
 from frys_edge.actions import BUILTIN_ACTIONS, Action, ActionContext
 from frys_edge.core import FrysError, RetryPolicy
 from frys_edge.expr import evaluate_condition, render_value
 from frys_edge.storage import RunRecord, StepRecord, Storage
 from frys_edge.workflow import (
+    TriggerSpec,
     Workflow,
     WorkflowError,
     coerce_inputs,
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("frys.workflow")
 
 FINAL = ("succeeded", "failed", "cancelled")
+TRIGGER_NAMESPACE = "triggers"
+TRIGGER_QUEUE = 1000
 
 
 class RunNotFound(WorkflowError):
@@ -45,6 +50,28 @@ class RunNotFound(WorkflowError):
 
 class _Suspended(Exception):
     """The engine is stopping: leave the run as it is stored, to resume at the next start."""
+
+
+def _next_fire(trigger: TriggerSpec, after: float) -> float:
+    """The first fire time strictly after `after` (cron schedules are in UTC)."""
+    if trigger.type == "interval":
+        assert trigger.every is not None
+        return after + trigger.every
+    assert trigger.cron is not None
+    start = datetime.fromtimestamp(after, UTC)
+    return next(CronSim(trigger.cron, start)).timestamp()
+
+
+def _event_inputs(workflow: Workflow, message: Any) -> dict[str, Any]:
+    """The declared inputs found in an event: payload fields, and `topic` if declared."""
+    declared = workflow.spec.inputs
+    payload = message.payload if isinstance(message.payload, dict) else {}
+    inputs = {k: v for k, v in payload.items() if k in declared}
+    if "topic" in declared:
+        inputs["topic"] = message.topic
+    if "payload" in declared:
+        inputs["payload"] = message.payload
+    return inputs
 
 
 class Engine:
@@ -204,6 +231,60 @@ class Engine:
         if self.storage.get_run(run_id) is None:
             raise RunNotFound(f"no run {run_id!r}; list them with `frys workflow runs`")
         return await self.storage.end_run(run_id, "cancelled", error="cancelled")
+
+    # -- triggers -------------------------------------------------------------------------
+
+    async def run_triggers(self) -> None:
+        """Start runs from the triggers of every loaded workflow, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            for workflow in self.workflows.values():
+                for index, trigger in enumerate(workflow.spec.triggers):
+                    if trigger.type == "event":
+                        tg.start_soon(self._event_trigger, workflow, trigger)
+                    else:
+                        tg.start_soon(self._clock_trigger, workflow, index, trigger)
+
+    async def _event_trigger(self, workflow: Workflow, trigger: TriggerSpec) -> None:
+        """Each event on the topic starts a run; its payload's fields are the inputs."""
+        assert trigger.topic is not None
+        send, receive = anyio.create_memory_object_stream[Any](TRIGGER_QUEUE)
+
+        def on_event(message: Any) -> None:
+            try:
+                send.send_nowait(message)
+            except anyio.WouldBlock:
+                log.warning("trigger %s: queue full, dropped %s", workflow.spec.name, message.topic)
+
+        sub = self.rt.bus.subscribe(
+            trigger.topic, handler=on_event, name=f"trigger {trigger.topic}"
+        )
+        try:
+            async with receive:
+                async for message in receive:
+                    await self._fire(workflow, _event_inputs(workflow, message), None)
+        finally:
+            self.rt.bus.unsubscribe(sub)
+
+    async def _clock_trigger(self, workflow: Workflow, index: int, trigger: TriggerSpec) -> None:
+        """Interval and cron triggers; the last fire time is kept in KV for missed fires."""
+        key = f"{workflow.spec.name}/{index}"
+        entry = self.storage.get(TRIGGER_NAMESPACE, key)
+        last = None if entry is None else float(entry.value)
+        now = time.time()
+        due = _next_fire(trigger, last if last is not None else now)
+        if due <= now:  # fires were missed while the device was off
+            due = now if trigger.missed == "run_once" else _next_fire(trigger, now)
+        while True:
+            await anyio.sleep(max(0.0, due - time.time()))
+            await self._fire(workflow, {}, f"trigger:{key}:{due:.3f}")
+            await self.storage.put(TRIGGER_NAMESPACE, key, due)
+            due = _next_fire(trigger, max(due, time.time()))
+
+    async def _fire(self, workflow: Workflow, inputs: dict[str, Any], key: str | None) -> None:
+        try:
+            await self.start(workflow, inputs, idempotency_key=key)
+        except WorkflowError as e:
+            log.error("trigger of %s could not start a run: %s", workflow.spec.name, e)
 
     # -- execution ------------------------------------------------------------------------
 

@@ -280,6 +280,8 @@ class Runtime:
         if self.engine.unresumable:
             count = len(self.engine.unresumable)
             self.health.set("workflows", "degraded", f"{count} runs cannot resume; see the log")
+        if any(w.spec.triggers for w in self.engine.workflows.values()):
+            self.supervise("triggers", self.engine.run_triggers)
         self.supervise("memory-watch", self._watch_memory)
         if self._watcher is not None:
             self.supervise("config-watch", self._watch_config)

@@ -17,11 +17,13 @@ import re
 import tomllib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
+from cronsim import CronSim, CronSimError
 
 from frys_edge.core import FrysError, validate_pattern
 from frys_edge.expr import (
@@ -450,8 +452,14 @@ def _trigger_problems(trigger: TriggerSpec) -> Iterator[tuple[str, str]]:
             validate_pattern(trigger.topic)
         except FrysError as error:
             yield "topic", str(error)
-    if trigger.cron is not None and len(trigger.cron.split()) != 5:
-        yield "cron", f"expected 5 fields (minute hour day month weekday), got {trigger.cron!r}"
+    if trigger.cron is not None:
+        if len(trigger.cron.split()) != 5:
+            yield "cron", f"expected 5 fields (minute hour day month weekday), got {trigger.cron!r}"
+        else:
+            try:
+                CronSim(trigger.cron, datetime.now(UTC))
+            except CronSimError as error:
+                yield "cron", f"bad cron expression {trigger.cron!r}: {error}"
 
 
 def _input_problems(spec: InputSpec) -> Iterator[tuple[str, str]]:
