@@ -112,6 +112,25 @@ async def _emit(ctx: ActionContext, params: dict[str, Any]) -> Any:
     return {"delivered": delivered, "seq": seq}
 
 
+async def _events_read(ctx: ActionContext, params: dict[str, Any]) -> Any:
+    """Read the durable event log after a sequence number, for store-and-forward."""
+    pattern = str(params.get("topic", "#"))
+    after = int(params.get("after") or 0)
+    limit = min(int(params.get("limit", 100)), 1000)
+    events = ctx.engine.storage.events(after, limit=limit)
+    matching = [
+        {"seq": e.seq, "topic": e.topic, "payload": e.payload, "ts": e.ts}
+        for e in events
+        if topic_matches(pattern, e.topic)
+    ]
+    # last_seq covers non-matching events too, so a cursor moves past them.
+    return {
+        "events": matching,
+        "count": len(matching),
+        "last_seq": events[-1].seq if events else after,
+    }
+
+
 def _matches(match: dict[str, Any], payload: Any) -> bool:
     if not match:
         return True
@@ -225,6 +244,7 @@ BUILTIN_ACTIONS: dict[str, Action] = {
     "kv.get": _kv_get,
     "kv.put": _kv_put,
     "emit": _emit,
+    "events.read": _events_read,
     "wait_event": _wait_event,
     "http": _http,
     "workflow": _workflow,

@@ -151,9 +151,11 @@ def _workflow_parsers(sub: Any) -> None:
         "validate",
         help="check workflow definition files",
         description="Validate definitions (YAML, JSON or TOML); exit 0 when all are valid, 2 "
-        "listing every problem with its line.\n\nexample:\n"
-        "  frys workflow validate examples/workflows/*.yaml",
+        "listing every problem with its line. With -c, the config's native plugins run their "
+        "init so the actions they add are known.\n\nexample:\n"
+        "  frys workflow validate -c examples/gateway/frys.toml examples/gateway/workflows/*",
     )
+    _config_flags(validate)
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=cmd_workflow_validate)
 
@@ -392,13 +394,18 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_workflow_validate(args: argparse.Namespace) -> int:
-    from frys_edge.actions import BUILTIN_ACTIONS
+    import anyio
+
+    from frys_edge.runtime import NativePlugin, Runtime, resolve_plugin
     from frys_edge.workflow import WorkflowError, load_workflow
 
+    rt = Runtime(_load(args))
+    for spec in rt.config.plugins.native if args.config else ():
+        anyio.run(NativePlugin(*resolve_plugin(spec)).call, "init", rt)
     failed = False
     for path in args.files:
         try:
-            load_workflow(path, BUILTIN_ACTIONS)
+            load_workflow(path, rt.engine.actions)
         except WorkflowError as e:
             print(f"frys: {e}", file=sys.stderr)
             failed = True

@@ -356,7 +356,10 @@ class Engine:
         with anyio.CancelScope(shield=True):
             await self.storage.end_run(run.id, status, outputs, error)
             (self._succeeded if status == "succeeded" else self._failed).inc()
-            log.info("run %s of %s %s%s", run.id, run.workflow, status, f": {error}" * bool(error))
+            level = logging.DEBUG if status == "succeeded" else logging.WARNING
+            log.log(
+                level, "run %s of %s %s%s", run.id, run.workflow, status, f": {error}" * bool(error)
+            )
             await self.rt.publish(f"workflow/{run.workflow}/{status}", {"run": run.id})
         record = self.storage.get_run(run.id)
         assert record is not None

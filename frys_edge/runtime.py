@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import logging
 import os
@@ -152,16 +153,29 @@ class NativePlugin:
             await result
 
 
+def _import_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"frys_plugin_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def resolve_plugin(spec: str) -> tuple[str, Any]:
-    """Find a native plugin by entry-point name, `module` or `module:attribute`."""
+    """Find a native plugin by entry-point name, `module`, `file.py`, with `:attribute`."""
     try:
         for ep in importlib.metadata.entry_points(group=PLUGIN_GROUP):
             if ep.name == spec:
                 return spec, ep.load()
         module_name, _, attr = spec.partition(":")
         try:
-            module: ModuleType = importlib.import_module(module_name)
-        except ImportError as e:
+            module: ModuleType = (
+                _import_file(Path(module_name))
+                if module_name.endswith(".py")
+                else importlib.import_module(module_name)
+            )
+        except (ImportError, OSError) as e:
             raise PluginError(
                 f"plugin {spec!r}: no entry point of that name in group {PLUGIN_GROUP!r} and "
                 f"no importable module ({e}); install it or fix the name"

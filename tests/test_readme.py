@@ -20,7 +20,7 @@ def test_quick_start_has_two_commands_and_ci_runs_the_second() -> None:
     blocks = code_blocks("Quick start")
     assert len(blocks) == 2
     run_cmd, test_cmd = (b.strip() for b in blocks)
-    assert run_cmd.endswith("frys run")
+    assert run_cmd.endswith("frys run -c examples/gateway/frys.toml")
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
 
