@@ -9,7 +9,6 @@ Run with `python -m frys_edge.bench_workflows [--quick] [--json FILE]`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -319,18 +318,3 @@ def run_workflow_benchmarks(json_path: str | None = None, quick: bool = False) -
         payload = [{**msgspec.structs.asdict(r), "ratio": r.ratio} for r in results]
         Path(json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m frys_edge.bench_workflows",
-        description="Run the workflow engine benchmarks and print the table.",
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--quick", action="store_true", help="fewer runs, under 30 s")
-    args = parser.parse_args()
-    return run_workflow_benchmarks(json_path=args.json, quick=args.quick)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -134,10 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="run the foundation benchmarks and print the table",
-        description="Measure scheduler, bus, pool, storage and start-up against floors "
-        "measured in the same run.\n\nexample:\n  frys bench --json results.json",
+        help="run the benchmarks and print the table",
+        description="Measure scheduler, bus, pool, storage and start-up (or, with "
+        "--workflows, the workflow engine) against floors measured in the same run.\n\n"
+        "example:\n  frys bench --json results.json\n  frys bench --workflows --quick",
     )
+    bench.add_argument("--workflows", action="store_true", help="the workflow engine suite")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.set_defaults(func=cmd_bench)
@@ -497,6 +499,10 @@ def cmd_workflow_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.workflows:
+        from frys_edge.bench_workflows import run_workflow_benchmarks
+
+        return run_workflow_benchmarks(json_path=args.json, quick=args.quick)
     from frys_edge.bench import run_benchmarks
 
     return run_benchmarks(json_path=args.json, quick=args.quick)

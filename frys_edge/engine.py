@@ -165,11 +165,16 @@ class Engine:
     async def resume(self) -> int:
         """Restart every unfinished run from its last recorded step; returns how many."""
         resumed = 0
+        # Runs of one workflow share their definition text: validate each text once.
+        definitions: dict[str, Workflow] = {}
         for run in self.storage.unfinished_runs():
             if run.id in self._active:
                 continue
             try:
-                workflow = Workflow.from_json(run.definition.encode(), self.actions)
+                workflow = definitions.get(run.definition) or Workflow.from_json(
+                    run.definition.encode(), self.actions
+                )
+                definitions[run.definition] = workflow
             except WorkflowError as e:
                 # Left as stored: it resumes once its actions are registered again.
                 self.unresumable[run.id] = str(e)
@@ -220,17 +225,20 @@ class Engine:
 
     async def cancel(self, run_id: str) -> bool:
         """Cancel a run, its running steps and its child runs; False if it had finished."""
-        for child in self.storage.list_runs(parent_run=run_id, status="running", limit=10**6):
-            await self.cancel(child.id)
         task = self._active.get(run_id)
         if task is not None:
+            # The parent goes first, so a child's end cannot fail the parent's step meanwhile.
             task.cancel()
             await asyncio.wait([task])
             run = self.storage.get_run(run_id)
-            return run is not None and run.status == "cancelled"
-        if self.storage.get_run(run_id) is None:
+            cancelled = run is not None and run.status == "cancelled"
+        elif self.storage.get_run(run_id) is None:
             raise RunNotFound(f"no run {run_id!r}; list them with `frys workflow runs`")
-        return await self.storage.end_run(run_id, "cancelled", error="cancelled")
+        else:
+            cancelled = await self.storage.end_run(run_id, "cancelled", error="cancelled")
+        for child in self.storage.list_runs(parent_run=run_id, status="running", limit=10**6):
+            await self.cancel(child.id)
+        return cancelled
 
     # -- triggers -------------------------------------------------------------------------
 
@@ -339,7 +347,16 @@ class Engine:
             if outcome == "failed" or (outcome is not None and not in_flight):
                 return
             if not self._stopping:
-                for name in ready_steps(workflow, states):
+                ready = ready_steps(workflow, states)
+                if len(ready) == 1 and not in_flight:
+                    # A lone step (a chain) runs in the driver: no task, no wait set.
+                    name = ready[0]
+                    states[name] = "running"
+                    states[name] = await self._run_step(
+                        run, workflow, name, recorded.get(name), states, outputs
+                    )
+                    continue
+                for name in ready:
                     states[name] = "running"
                     step = self._run_step(run, workflow, name, recorded.get(name), states, outputs)
                     in_flight[asyncio.create_task(step)] = name
@@ -418,8 +435,12 @@ class Engine:
             ctx = ActionContext(self, run, name, attempts, suspended)
             try:
                 params = render_value(workflow.params[name], context)
-                with anyio.fail_after(spec.timeout):
-                    output = await self.actions[spec.action](ctx, params)
+                action = self.actions[spec.action]
+                if spec.timeout is None:
+                    output = await action(ctx, params)
+                else:
+                    with anyio.fail_after(spec.timeout):
+                        output = await action(ctx, params)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, TimeoutError):

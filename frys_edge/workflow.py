@@ -284,32 +284,43 @@ def parse_input_pair(text: str) -> tuple[str, Any]:
 
 def ready_steps(workflow: Workflow, states: Mapping[str, str]) -> list[str]:
     """Pending steps whose needs are all done, in `order`; a missing state means pending."""
-    return [
-        name
-        for name in workflow.order
-        if states.get(name, "pending") == "pending"
-        and all(_done(workflow, need, states) for need in workflow.steps[name].needs)
-    ]
+    # Plain loops: the engine calls this after every step, so it stays on the hot path.
+    ready = []
+    steps = workflow.steps
+    for name in workflow.order:
+        if states.get(name, "pending") != "pending":
+            continue
+        for need in steps[name].needs:
+            if not _done(workflow, need, states):
+                break
+        else:
+            ready.append(name)
+    return ready
 
 
 def run_outcome(workflow: Workflow, states: Mapping[str, str]) -> str | None:
     """The run's final status ("failed", "succeeded" or "cancelled") once it has one, else None."""
-    if any(
+    values = states.values()
+    if "failed" in values and any(
         states.get(name) == "failed" and step.on_error == "fail"
         for name, step in workflow.steps.items()
     ):
         return "failed"  # its dependants can never run, so the run is over
-    if all(_done(workflow, name, states) for name in workflow.steps):
+    # A step with no state is pending, so fewer states than steps cannot be a success.
+    if len(states) >= len(workflow.steps) and all(
+        _done(workflow, name, states) for name in workflow.steps
+    ):
         return "succeeded"
-    if "cancelled" in states.values():
+    if "cancelled" in values:
         return "cancelled"
     return None
 
 
 def _done(workflow: Workflow, name: str, states: Mapping[str, str]) -> bool:
     state = states.get(name, "pending")
-    failed_ok = state == "failed" and workflow.steps[name].on_error == "continue"
-    return state in ("succeeded", "skipped") or failed_ok
+    if state == "succeeded" or state == "skipped":
+        return True
+    return state == "failed" and workflow.steps[name].on_error == "continue"
 
 
 def _compile(spec: WorkflowSpec) -> Workflow:
