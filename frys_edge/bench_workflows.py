@@ -4,7 +4,7 @@ Each figure sits beside a floor measured in the same run, as in `frys_edge.bench
 table, JSON and timing helpers this module reuses). Runs go through the public engine API
 (`rt.engine.start`, `wait`, `resume` at start) on real SQLite files in a temp dir; nothing
 here reaches into the engine beyond reading `engine._active` to count runs in flight.
-Run with `python -m frys_edge.bench_workflows [--quick] [--json FILE]`.
+Run with `frys bench --workflows [--quick] [--json FILE]`.
 """
 
 from __future__ import annotations
