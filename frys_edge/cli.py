@@ -161,6 +161,17 @@ def _workflow_parsers(sub: Any) -> None:
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(func=cmd_workflow_validate)
 
+    wlist = wsub.add_parser(
+        "list",
+        help="list the definitions in [workflows] dir",
+        description="List the workflow definitions `frys run` would load from [workflows] "
+        "dir, with their triggers, or the problems that keep one from loading.\n\n"
+        "example:\n  frys workflow list -c examples/gateway/frys.toml",
+    )
+    _config_flags(wlist)
+    wlist.add_argument("--json", action="store_true", help="print a JSON list")
+    wlist.set_defaults(func=cmd_workflow_list)
+
     run = wsub.add_parser(
         "run",
         help="start a run (and wait for it with --wait)",
@@ -395,15 +406,63 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
         print(f"  outputs: {json.dumps(doc['outputs'])}")
 
 
-def cmd_workflow_validate(args: argparse.Namespace) -> int:
+def _plugin_actions(args: argparse.Namespace) -> Any:
+    """A runtime (not started) whose native plugins have run init, so their actions exist."""
     import anyio
 
     from frys_edge.runtime import NativePlugin, Runtime, resolve_plugin
-    from frys_edge.workflow import WorkflowError, load_workflow
 
     rt = Runtime(_load(args))
     for spec in rt.config.plugins.native if args.config else ():
         anyio.run(NativePlugin(*resolve_plugin(spec)).call, "init", rt)
+    return rt
+
+
+def cmd_workflow_list(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from frys_edge.workflow import WorkflowError, load_workflow
+
+    rt = _plugin_actions(args)
+    directory = Path(rt.config.workflows.dir)
+    if not directory.is_dir():
+        print(f"frys: no workflows dir {directory}; set [workflows] dir", file=sys.stderr)
+        return EXIT_FAILURE
+    rows: list[dict[str, Any]] = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix not in (".yaml", ".yml", ".json", ".toml"):
+            continue
+        try:
+            spec = load_workflow(str(path), rt.engine.actions).spec
+        except WorkflowError as e:
+            rows.append({"file": str(path), "name": None, "error": str(e)})
+            continue
+        triggers = [t.type + (f" {t.topic or t.every or t.cron}") for t in spec.triggers]
+        rows.append(
+            {
+                "file": str(path),
+                "name": spec.name,
+                "steps": len(spec.steps),
+                "triggers": triggers,
+                "error": None,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        if row["error"]:
+            print(f"{row['file']}: INVALID\n  {row['error']}")
+        else:
+            trig = ", ".join(row["triggers"]) or "no triggers"
+            print(f"{row['name']}  {row['steps']} steps  {trig}  ({row['file']})")
+    return EXIT_OK
+
+
+def cmd_workflow_validate(args: argparse.Namespace) -> int:
+    from frys_edge.workflow import WorkflowError, load_workflow
+
+    rt = _plugin_actions(args)
     failed = False
     for path in args.files:
         try:

@@ -10,6 +10,7 @@ with the step, so they fire at the right time after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -88,13 +89,12 @@ class Engine:
         # Runs whose stored definition no longer validates (an action went missing).
         self.unresumable: dict[str, str] = {}
         self._stopping = False
-        m = rt.metrics
-        self._started = m.counter("workflow_runs_started_total", "Workflow runs started")
-        self._succeeded = m.counter("workflow_runs_succeeded_total", "Runs that succeeded")
-        self._failed = m.counter("workflow_runs_failed_total", "Runs that failed")
-        self._retried = m.counter("workflow_step_retries_total", "Step attempts retried")
-        self._step_seconds = m.histogram("workflow_step_seconds", "Step run time")
-        m.gauge("workflow_runs_active", "Runs in flight", lambda: float(len(self._active)))
+        self._deadlines: dict[str, float] = {}
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        rt.metrics.gauge("workflow_runs_active", "Runs in flight", lambda: float(len(self._active)))
+
+    def _count(self, name: str, workflow: str, help: str) -> None:
+        self.rt.metrics.counter(name, help, {"workflow": workflow}).inc()
 
     @property
     def storage(self) -> Storage:
@@ -156,7 +156,7 @@ class Engine:
             deadline=deadline,
         )
         if created:
-            self._started.inc()
+            self._count("workflow_runs_started_total", spec.name, "Workflow runs started")
             run = self.storage.get_run(run_id)
             assert run is not None
             self._launch(run, workflow, {})
@@ -193,12 +193,20 @@ class Engine:
             raise FrysError("workflow engine is stopping; the run starts at the next start")
         task = asyncio.get_running_loop().create_task(self._drive(run, workflow, steps))
         self._active[run.id] = task
+        if run.deadline is not None:
+            self._deadlines[run.id] = run.deadline
 
         def done(_task: asyncio.Task[Any]) -> None:
             self._active.pop(run.id, None)
+            self._deadlines.pop(run.id, None)  # also when suspended at stop
             self._slot_freed.set()
 
         task.add_done_callback(done)
+
+    def overdue(self, grace: float) -> list[str]:
+        """Runs still active more than `grace` seconds past their deadline (stuck)."""
+        late = time.time() - grace
+        return [run_id for run_id, deadline in self._deadlines.items() if deadline < late]
 
     async def stop(self, timeout: float) -> None:
         """Let running steps finish (up to timeout), then leave every run to resume later."""
@@ -305,8 +313,14 @@ class Engine:
         status, error = "failed", None
         try:
             timeout = None if run.deadline is None else run.deadline - time.time()
+            limit = workflow.spec.concurrency
+            slot = (
+                self._limits.setdefault(run.workflow, asyncio.Semaphore(limit)) if limit else None
+            )
             with anyio.fail_after(timeout):
-                await self._advance(run, workflow, recorded, states, outputs, in_flight)
+                # `concurrency` runs of a workflow at once; later ones wait here, timed.
+                async with slot or contextlib.nullcontext():
+                    await self._advance(run, workflow, recorded, states, outputs, in_flight)
             status = run_outcome(workflow, states) or "failed"
             if status == "failed":
                 failed = [n for n, s in states.items() if s == "failed"]
@@ -372,12 +386,13 @@ class Engine:
         # Shielded: a cancelled run must still record that it was cancelled.
         with anyio.CancelScope(shield=True):
             await self.storage.end_run(run.id, status, outputs, error)
-            (self._succeeded if status == "succeeded" else self._failed).inc()
+            self._count(f"workflow_runs_{status}_total", run.workflow, f"Workflow runs {status}")
             level = logging.DEBUG if status == "succeeded" else logging.WARNING
             log.log(
                 level, "run %s of %s %s%s", run.id, run.workflow, status, f": {error}" * bool(error)
             )
             await self.rt.publish(f"workflow/{run.workflow}/{status}", {"run": run.id})
+        self._deadlines.pop(run.id, None)
         record = self.storage.get_run(run.id)
         assert record is not None
         for future in self._waiters.pop(run.id, []):
@@ -446,7 +461,7 @@ class Engine:
                 if isinstance(e, TimeoutError):
                     error = f"timed out after {spec.timeout} s"
                 if policy.should_retry(attempts):
-                    self._retried.inc()
+                    self._count("workflow_step_retries_total", run.workflow, "Step retries")
                     wake_at = time.time() + policy.delay(attempts)
                     suspended = None
                     await storage.record_step(
@@ -466,7 +481,10 @@ class Engine:
                 log.warning("run %s step %s failed: %s", run.id, name, error)
                 return "failed"
             finished = time.time()
-            self._step_seconds.observe(finished - started)
+            labels = {"workflow": run.workflow, "step": name}
+            self.rt.metrics.histogram("workflow_step_seconds", "Step run time", labels).observe(
+                finished - started
+            )
             await storage.record_step(
                 run.id,
                 name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import msgspec
@@ -107,50 +107,64 @@ class Histogram:
 Metric = Counter | Gauge | Histogram
 
 
+Labels = Mapping[str, str]
+
+
+def series_key(name: str, labels: Labels | None) -> str:
+    """`name{k="v",...}` (labels sorted), or just name: one key per time series."""
+    if not labels:
+        return name
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}"
+
+
 class Metrics:
-    """A registry of named metrics; names are unique and prefixed `frys_` on export."""
+    """A registry of time series: a name (prefixed `frys_` on export) and optional labels."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, Metric] = {}
+        self._kinds: dict[str, str] = {}
 
-    def _add(self, metric: Metric) -> Metric:
-        existing = self._metrics.get(metric.name)
-        if existing is not None:
-            if existing.kind != metric.kind:
-                raise FrysError(
-                    f"metric {metric.name} is already registered as a {existing.kind}; "
-                    f"give the {metric.kind} another name"
-                )
-            return existing
-        self._metrics[metric.name] = metric
-        return metric
+    def _add(self, metric: Metric, labels: Labels | None) -> Metric:
+        kind = self._kinds.setdefault(metric.name, metric.kind)
+        if kind != metric.kind:
+            raise FrysError(
+                f"metric {metric.name} is already registered as a {kind}; "
+                f"give the {metric.kind} another name"
+            )
+        return self._metrics.setdefault(series_key(metric.name, labels), metric)
 
-    def counter(self, name: str, help: str) -> Counter:
-        m = self._add(Counter(name, help))
+    def counter(self, name: str, help: str, labels: Labels | None = None) -> Counter:
+        """The counter `name` with these labels, created on first use."""
+        m = self._metrics.get(series_key(name, labels)) or self._add(Counter(name, help), labels)
         assert isinstance(m, Counter)
         return m
 
     def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
-        m = self._add(Gauge(name, help, read))
+        """The gauge `name`, read from `read` at collection time when given."""
+        m = self._add(Gauge(name, help, read), None)
         assert isinstance(m, Gauge)
         return m
 
-    def histogram(self, name: str, help: str) -> Histogram:
-        m = self._add(Histogram(name, help))
+    def histogram(self, name: str, help: str, labels: Labels | None = None) -> Histogram:
+        """The histogram `name` with these labels, created on first use."""
+        key = series_key(name, labels)
+        m = self._metrics.get(key) or self._add(Histogram(name, help), labels)
         assert isinstance(m, Histogram)
         return m
 
-    def __iter__(self) -> Iterable[Metric]:
-        return iter(list(self._metrics.values()))
+    def series(self) -> list[tuple[str, Metric]]:
+        """Every (series key, metric), for exporters."""
+        return list(self._metrics.items())
 
     def snapshot(self) -> dict[str, object]:
-        """Every metric's current value; histograms give count, sum and quantiles."""
+        """Every series' current value; histograms give count, sum and quantiles."""
         out: dict[str, object] = {}
-        for m in self._metrics.values():
+        for key, m in self._metrics.items():
             if isinstance(m, Histogram):
-                out[m.name] = {"count": m.count, "sum": m.sum, **m.quantiles()}
+                out[key] = {"count": m.count, "sum": m.sum, **m.quantiles()}
             else:
-                out[m.name] = m.value
+                out[key] = m.value
         return out
 
 

@@ -63,6 +63,8 @@ CONFIG_POLL_SECONDS = 1.0
 PYTHON_GC_THRESHOLD = (700, 10, 10)
 GC_THRESHOLD = 7000
 MEMORY_POLL_SECONDS = 5.0
+# A run's timeout cancels it; one still active this long after is stuck (a step ignoring it).
+STUCK_GRACE_SECONDS = 5.0
 
 
 class NotRunning(FrysError):
@@ -305,6 +307,7 @@ class Runtime:
         if any(w.spec.triggers for w in self.engine.workflows.values()):
             self.supervise("triggers", self.engine.run_triggers)
         self.supervise("memory-watch", self._watch_memory)
+        self.supervise("workflow-watch", self._watch_runs)
         if self._watcher is not None:
             self.supervise("config-watch", self._watch_config)
         self.started_at = time.time()
@@ -624,6 +627,18 @@ class Runtime:
                 continue
             self.health.set(name, "stopped", "finished")
             return
+
+    async def _watch_runs(self) -> None:
+        """Report health "workflow-runs" degraded while runs are stuck past their timeout."""
+        while True:
+            stuck = self.engine.overdue(STUCK_GRACE_SECONDS)
+            if stuck:
+                shown = ", ".join(stuck[:5]) + (", ..." if len(stuck) > 5 else "")
+                reason = f"{len(stuck)} runs still active past their timeout: {shown}"
+                self.health.set("workflow-runs", "degraded", reason)
+            else:
+                self.health.set("workflow-runs", "ok")
+            await anyio.sleep(MEMORY_POLL_SECONDS)
 
     async def _watch_memory(self) -> None:
         """Report health "memory" degraded while resident memory is over the budget."""

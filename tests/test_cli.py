@@ -44,6 +44,7 @@ def test_every_command_has_help_with_an_example() -> None:
         ["db", "check"],
         ["db", "backup"],
         ["workflow", "validate"],
+        ["workflow", "list"],
         ["workflow", "run"],
         ["workflow", "runs"],
         ["workflow", "show"],
@@ -295,3 +296,18 @@ def test_workflow_run_with_bad_input_exits_2(tmp_path: Path) -> None:
     assert "inputs.greeting" in result.stderr
     missing = frys("workflow", "run", "-c", str(path), diamond, "--input", "nokey")
     assert missing.returncode == 2
+
+
+def test_workflow_list_shows_definitions_and_invalid_files(tmp_path: Path) -> None:
+    workflows = tmp_path / "workflows"
+    workflows.mkdir()
+    (workflows / "ok.yaml").write_text(
+        "name: ok\ntriggers:\n  - {type: interval, every: 60}\nsteps:\n  - {name: a, action: log}\n"
+    )
+    (workflows / "bad.yaml").write_text("name: bad\nsteps: []\n")
+    path = write_config(tmp_path, f'[workflows]\ndir = "{workflows}"\n')
+    result = frys("workflow", "list", "-c", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {Path(r["file"]).name: r for r in json.loads(result.stdout)}
+    assert rows["ok.yaml"]["name"] == "ok" and rows["ok.yaml"]["triggers"] == ["interval 60.0"]
+    assert rows["bad.yaml"]["error"] and "steps" in rows["bad.yaml"]["error"]

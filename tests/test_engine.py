@@ -426,3 +426,88 @@ def test_child_workflows_are_awaited_and_cancelled_with_their_parent(tmp_path: P
             assert child.status == "cancelled"
 
     anyio.run(main)
+
+
+def test_workflow_concurrency_limits_runs_at_once_and_metrics_count_per_workflow(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            active, peak = 0, 0
+
+            @rt.engine.action("busy")
+            async def busy(ctx: ActionContext, params: dict[str, Any]) -> Any:
+                nonlocal active, peak
+                active += 1
+                peak = max(peak, active)
+                await anyio.sleep(0.05)
+                active -= 1
+
+            define(
+                rt, {"name": "one", "concurrency": 1, "steps": [{"name": "s", "action": "busy"}]}
+            )
+            ids = [await rt.engine.start("one") for _ in range(4)]
+            for run_id in ids:
+                assert (await rt.engine.wait(run_id)).status == "succeeded"
+            assert peak == 1
+            snap = rt.metrics.snapshot()
+            assert snap['workflow_runs_started_total{workflow="one"}'] == 4
+            assert snap['workflow_runs_succeeded_total{workflow="one"}'] == 4
+            step = snap['workflow_step_seconds{step="s",workflow="one"}']
+            assert step["count"] == 4 and step["p50"] >= 0.05  # type: ignore[index]
+
+    anyio.run(main)
+
+
+def test_a_run_stuck_past_its_timeout_is_reported(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+
+            @rt.engine.action("deaf")
+            async def deaf(ctx: ActionContext, params: dict[str, Any]) -> Any:
+                # A blocking call that cannot be cancelled, like a hung driver.
+                await anyio.to_thread.run_sync(time.sleep, 0.6, abandon_on_cancel=False)
+
+            define(rt, {"name": "w", "timeout": 0.1, "steps": [{"name": "s", "action": "deaf"}]})
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(0.4)
+            assert rt.engine.overdue(grace=0.1) == [run_id]
+            assert (await rt.engine.wait(run_id)).status == "failed"
+            assert rt.engine.overdue(grace=0.1) == []
+
+    anyio.run(main)
+
+
+def test_a_scheduled_retry_fires_at_its_time_after_a_restart(tmp_path: Path) -> None:
+    calls: list[float] = []
+
+    def runtime() -> Runtime:
+        rt = make_runtime(tmp_path, "shutdown_timeout = 0.1\n")
+
+        @rt.engine.action("flaky")
+        async def flaky(ctx: ActionContext, params: dict[str, Any]) -> Any:
+            calls.append(time.time())
+            if len(calls) == 1:
+                raise ConnectionError("first try fails")
+            return "ok"
+
+        return rt
+
+    retry = {"max_attempts": 2, "initial_delay": 1.5, "jitter": False}
+    spec = {"name": "w", "steps": [{"name": "s", "action": "flaky", "retry": retry}]}
+
+    async def main() -> None:
+        async with runtime() as rt:
+            define(rt, spec)
+            run_id = await rt.engine.start("w")
+            await anyio.sleep(0.3)
+        async with runtime() as rt:
+            assert rt.storage is not None
+            (waiting,) = rt.storage.run_steps(run_id)
+            assert waiting.status == "waiting" and waiting.wake_at is not None
+            run = await rt.engine.wait(run_id)
+            assert run.status == "succeeded"
+            assert waiting.wake_at <= calls[1] < waiting.wake_at + 0.5
+            assert calls[1] - calls[0] >= 1.5
+
+    anyio.run(main)

@@ -64,3 +64,14 @@ def test_health_is_as_bad_as_its_worst_component() -> None:
     snap = h.snapshot()
     assert snap["status"] == "degraded"
     assert snap["components"]["memory"]["reason"] == "over budget"  # type: ignore[index]
+
+
+def test_labelled_series_are_counted_apart() -> None:
+    m = Metrics()
+    m.counter("runs_total", "Runs", {"workflow": "a"}).inc()
+    m.counter("runs_total", "Runs", {"workflow": "a"}).inc()
+    m.counter("runs_total", "Runs", {"workflow": "b"}).inc()
+    snap = m.snapshot()
+    assert snap['runs_total{workflow="a"}'] == 2 and snap['runs_total{workflow="b"}'] == 1
+    with pytest.raises(FrysError, match="already registered as a counter"):
+        m.histogram("runs_total", "Runs", {"workflow": "c"})
