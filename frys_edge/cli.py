@@ -362,8 +362,19 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def run_document(run: Any, steps: list[Any]) -> dict[str, Any]:
+def run_document(run: Any, steps: list[Any], attempts: list[Any]) -> dict[str, Any]:
     """The stable JSON shape of a run, shared by `run --json` and `show --json`."""
+    history: dict[str, list[dict[str, Any]]] = {}
+    for a in attempts:
+        history.setdefault(a.step, []).append(
+            {
+                "attempt": a.attempt,
+                "status": a.status,
+                "error": a.error,
+                "started_at": a.started_at,
+                "finished_at": a.finished_at,
+            }
+        )
     return {
         "id": run.id,
         "workflow": run.workflow,
@@ -384,6 +395,7 @@ def run_document(run: Any, steps: list[Any]) -> dict[str, Any]:
                 "started_at": s.started_at,
                 "finished_at": s.finished_at,
                 "wake_at": s.wake_at,
+                "history": history.get(s.name, []),
             }
             for s in steps
         ],
@@ -402,6 +414,9 @@ def _print_run(doc: dict[str, Any], as_json: bool) -> None:
         if step["error"]:
             line += f" - {step['error']}"
         print(line)
+        for attempt in step["history"]:
+            if attempt["status"] != "succeeded":
+                print(f"    attempt {attempt['attempt']}: {attempt['status']}: {attempt['error']}")
     if doc["outputs"] is not None:
         print(f"  outputs: {json.dumps(doc['outputs'])}")
 
@@ -499,7 +514,8 @@ def cmd_workflow_run(args: argparse.Namespace) -> int:
                 return EXIT_OK
             run = await engine.wait(run_id)
             assert rt.storage is not None
-            _print_run(run_document(run, rt.storage.run_steps(run_id)), args.json)
+            steps, attempts = rt.storage.run_steps(run_id), rt.storage.run_attempts(run_id)
+            _print_run(run_document(run, steps, attempts), args.json)
             return EXIT_OK if run.status == "succeeded" else EXIT_FAILURE
 
     try:
@@ -519,7 +535,8 @@ def cmd_workflow_runs(args: argparse.Namespace) -> int:
     with _open_storage(args, readonly=True) as store:
         runs = store.list_runs(status=args.status, workflow=args.workflow, limit=args.limit)
         if args.json:
-            print(json.dumps([run_document(run, []) | {"steps": None} for run in runs], indent=2))
+            docs = [run_document(run, [], []) | {"steps": None} for run in runs]
+            print(json.dumps(docs, indent=2))
             return EXIT_OK
         for run in runs:
             print(f"{run.id}  {run.workflow}  {run.status}  {run.error or ''}".rstrip())
@@ -535,7 +552,9 @@ def cmd_workflow_show(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_FAILURE
-        _print_run(run_document(run, store.run_steps(run.id)), args.json)
+        _print_run(
+            run_document(run, store.run_steps(run.id), store.run_attempts(run.id)), args.json
+        )
     return EXIT_OK
 
 

@@ -460,12 +460,19 @@ class Engine:
                 error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 if isinstance(e, TimeoutError):
                     error = f"timed out after {spec.timeout} s"
+                ended = time.time()
                 if policy.should_retry(attempts):
                     self._count("workflow_step_retries_total", run.workflow, "Step retries")
-                    wake_at = time.time() + policy.delay(attempts)
+                    wake_at = ended + policy.delay(attempts)
                     suspended = None
                     await storage.record_step(
-                        run.id, name, "waiting", attempts, error=error, wake_at=wake_at
+                        run.id,
+                        name,
+                        "waiting",
+                        attempts,
+                        error=error,
+                        wake_at=wake_at,
+                        attempt=("failed", started, ended),
                     )
                     await anyio.sleep(max(0.0, wake_at - time.time()))
                     continue
@@ -476,7 +483,8 @@ class Engine:
                     attempts,
                     error=error,
                     started_at=started,
-                    finished_at=time.time(),
+                    finished_at=ended,
+                    attempt=("failed", started, ended),
                 )
                 log.warning("run %s step %s failed: %s", run.id, name, error)
                 return "failed"
@@ -493,6 +501,7 @@ class Engine:
                 output=output,
                 started_at=started,
                 finished_at=finished,
+                attempt=("succeeded", started, finished),
             )
             outputs[name] = output
             return "succeeded"

@@ -87,6 +87,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, name)
     ) WITHOUT ROWID;
     """,
+    """
+    CREATE TABLE step_attempts (
+        run_id TEXT NOT NULL,
+        step TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        started_at REAL,
+        finished_at REAL,
+        PRIMARY KEY (run_id, step, attempt)
+    ) WITHOUT ROWID;
+    """,
 )
 RUN_COLUMNS = (
     "id, workflow, status, definition, inputs, outputs, error, idempotency_key, parent_run,"
@@ -157,6 +169,17 @@ class RunRecord(msgspec.Struct, frozen=True):
     created_at: float
     finished_at: float | None
     deadline: float | None
+
+
+class AttemptRecord(msgspec.Struct, frozen=True):
+    """One finished attempt of a step: succeeded, or failed with its error."""
+
+    step: str
+    attempt: int
+    status: str
+    error: str | None
+    started_at: float | None
+    finished_at: float | None
 
 
 class StepRecord(msgspec.Struct, frozen=True):
@@ -547,6 +570,15 @@ class Storage:
         with self._reader("reading steps") as conn:
             return [_step_record(row) for row in conn.execute(sql, (run_id,)).fetchall()]
 
+    def run_attempts(self, run_id: str) -> list[AttemptRecord]:
+        """Every finished attempt of every step of a run, in the order they ended."""
+        sql = (
+            "SELECT step, attempt, status, error, started_at, finished_at FROM step_attempts"
+            " WHERE run_id = ? ORDER BY finished_at, step, attempt"
+        )
+        with self._reader("reading step attempts") as conn:
+            return [AttemptRecord(*row) for row in conn.execute(sql, (run_id,)).fetchall()]
+
     def last_seq(self) -> int:
         """The sequence number of the newest event, 0 when the log is empty."""
         with self._reader("reading events") as conn:
@@ -619,8 +651,14 @@ class Storage:
             w.execute(
                 "INSERT OR REPLACE INTO steps (run_id, name, status, attempts, output, error,"
                 " started_at, finished_at, wake_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                op[1:],
+                op[1:10],
             )
+            if op[10] is not None:
+                w.execute(
+                    "INSERT OR REPLACE INTO step_attempts (run_id, step, attempt, status, error,"
+                    " started_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (op[1], op[2], *op[10]),
+                )
             return None
         if kind == "run_new":
             return Storage._new_run(w, op)
@@ -836,9 +874,15 @@ class Storage:
         started_at: float | None = None,
         finished_at: float | None = None,
         wake_at: float | None = None,
+        attempt: tuple[str, float, float] | None = None,
     ) -> None:
-        """Record the latest state of one step; returns once it is committed."""
+        """Record the latest state of one step; returns once it is committed.
+
+        `attempt` is (outcome, started, finished) of the attempt that just ended, kept in the
+        step's history in the same transaction.
+        """
         encoded = None if output is None else encode_value(output, f"output of step {name}")
+        history = None if attempt is None else (attempts, attempt[0], error, *attempt[1:])
         op = (
             "step",
             run_id,
@@ -850,6 +894,7 @@ class Storage:
             started_at,
             finished_at,
             wake_at,
+            history,
         )
         await self._submit(op)
 

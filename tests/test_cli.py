@@ -261,6 +261,7 @@ def test_diamond_runs_to_succeeded_and_is_listed(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert doc["status"] == "succeeded"
     assert [s["status"] for s in doc["steps"]] == ["succeeded"] * 4
+    assert [len(s["history"]) for s in doc["steps"]] == [1] * 4
     assert doc["outputs"]["d"]["version"] == 1
     runs = json.loads(frys("workflow", "runs", "-c", str(path), "--json").stdout)
     assert [(r["id"], r["status"]) for r in runs] == [(doc["id"], "succeeded")]
