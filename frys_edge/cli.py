@@ -365,16 +365,15 @@ def cmd_db_backup(args: argparse.Namespace) -> int:
 def run_document(run: Any, steps: list[Any], attempts: list[Any]) -> dict[str, Any]:
     """The stable JSON shape of a run, shared by `run --json` and `show --json`."""
     history: dict[str, list[dict[str, Any]]] = {}
-    for a in attempts:
-        history.setdefault(a.step, []).append(
-            {
-                "attempt": a.attempt,
-                "status": a.status,
-                "error": a.error,
-                "started_at": a.started_at,
-                "finished_at": a.finished_at,
-            }
-        )
+    for a in attempts:  # failed attempts; a success is the step's own row
+        entry = {"attempt": a.attempt, "status": a.status, "error": a.error}
+        entry |= {"started_at": a.started_at, "finished_at": a.finished_at}
+        history.setdefault(a.step, []).append(entry)
+    for s in steps:
+        if s.status == "succeeded":
+            entry = {"attempt": s.attempts, "status": s.status, "error": None}
+            entry |= {"started_at": s.started_at, "finished_at": s.finished_at}
+            history.setdefault(s.name, []).append(entry)
     return {
         "id": run.id,
         "workflow": run.workflow,

@@ -501,7 +501,6 @@ class Engine:
                 output=output,
                 started_at=started,
                 finished_at=finished,
-                attempt=("succeeded", started, finished),
             )
             outputs[name] = output
             return "succeeded"

@@ -172,7 +172,7 @@ class RunRecord(msgspec.Struct, frozen=True):
 
 
 class AttemptRecord(msgspec.Struct, frozen=True):
-    """One finished attempt of a step: succeeded, or failed with its error."""
+    """One failed attempt of a step, with its error."""
 
     step: str
     attempt: int
@@ -571,7 +571,7 @@ class Storage:
             return [_step_record(row) for row in conn.execute(sql, (run_id,)).fetchall()]
 
     def run_attempts(self, run_id: str) -> list[AttemptRecord]:
-        """Every finished attempt of every step of a run, in the order they ended."""
+        """Every failed attempt of every step of a run, in the order they ended."""
         sql = (
             "SELECT step, attempt, status, error, started_at, finished_at FROM step_attempts"
             " WHERE run_id = ? ORDER BY finished_at, step, attempt"
@@ -878,8 +878,9 @@ class Storage:
     ) -> None:
         """Record the latest state of one step; returns once it is committed.
 
-        `attempt` is (outcome, started, finished) of the attempt that just ended, kept in the
-        step's history in the same transaction.
+        `attempt` is (outcome, started, finished) of a failed attempt, kept in the step's
+        history in the same transaction (the final success is the step row itself, so the
+        common path writes one row).
         """
         encoded = None if output is None else encode_value(output, f"output of step {name}")
         history = None if attempt is None else (attempts, attempt[0], error, *attempt[1:])
