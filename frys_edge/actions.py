@@ -238,6 +238,22 @@ async def _workflow(ctx: ActionContext, params: dict[str, Any]) -> Any:
     return {"run": child, "outputs": run.outputs}
 
 
+async def _plugin(ctx: ActionContext, params: dict[str, Any]) -> Any:
+    """Call a WASM plugin's export on a worker thread; `batch: true` sends a list at once."""
+    _params(params, "plugin", "plugin", "export")
+    name, export = str(params["plugin"]), str(params["export"])
+    plugin = ctx.rt.wasm.get(name)
+    if plugin is None:
+        loaded = ", ".join(sorted(ctx.rt.wasm)) or "none"
+        raise WorkflowError(f"action plugin: no WASM plugin {name!r} is loaded ({loaded})")
+    value = params.get("input")
+    if params.get("batch"):
+        if not isinstance(value, list):
+            raise WorkflowError("action plugin: batch: true needs a list as input")
+        return await anyio.to_thread.run_sync(plugin.call_batch, export, value)
+    return await anyio.to_thread.run_sync(plugin.call, export, value)
+
+
 BUILTIN_ACTIONS: dict[str, Action] = {
     "log": _log,
     "sleep": _sleep,
@@ -248,4 +264,5 @@ BUILTIN_ACTIONS: dict[str, Action] = {
     "wait_event": _wait_event,
     "http": _http,
     "workflow": _workflow,
+    "plugin": _plugin,
 }

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     backup.set_defaults(func=cmd_db_backup)
 
     _workflow_parsers(sub)
+    _plugin_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -231,6 +232,42 @@ def _workflow_parsers(sub: Any) -> None:
     _config_flags(cancel)
     cancel.add_argument("run_id", metavar="RUN_ID")
     cancel.set_defaults(func=cmd_workflow_cancel)
+
+
+def _plugin_parsers(sub: Any) -> None:
+    plugin = sub.add_parser("plugin", help="check, call and list WASM plugins")
+    psub = plugin.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = psub.add_parser(
+        "check",
+        help="check plugin dirs: manifest, hash, module, imports, grants",
+        description="Check each plugin dir: the manifest, the module's sha256, that it "
+        "compiles, that it imports only the ABI, and which asked-for capabilities the "
+        "config grants. Exit 0 when all load, 2 naming the reason when one does not.\n\n"
+        "example:\n  frys plugin check plugins/anomaly plugins/hello",
+    )
+    _config_flags(check)
+    check.add_argument("dirs", nargs="+", metavar="DIR")
+    check.set_defaults(func=cmd_plugin_check)
+    call = psub.add_parser(
+        "call",
+        help="call one export of a plugin dir",
+        description="Load a plugin dir with the config's grants and call an export with a "
+        "JSON input; print the JSON output.\n\nexample:\n"
+        "  frys plugin call plugins/anomaly detect --input '{\"values\": [1, 2, 30]}'",
+    )
+    _config_flags(call)
+    call.add_argument("dir", metavar="DIR")
+    call.add_argument("export", metavar="EXPORT")
+    call.add_argument("--input", default="null", metavar="JSON", help="the input (JSON)")
+    call.set_defaults(func=cmd_plugin_call)
+    plist = psub.add_parser(
+        "list",
+        help="list the plugins under [plugins] paths",
+        description="List the WASM plugins under [plugins] paths with their exports and "
+        "grants.\n\nexample:\n  frys plugin list -c frys.toml",
+    )
+    _config_flags(plist)
+    plist.set_defaults(func=cmd_plugin_list)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -572,6 +609,77 @@ def cmd_workflow_cancel(args: argparse.Namespace) -> int:
             print(f"frys: run {run.id} already {run.status}", file=sys.stderr)
             return EXIT_FAILURE
     print(f"cancelled {run.id}")
+    return EXIT_OK
+
+
+def _grant_for(args: argparse.Namespace, name: str) -> Any:
+    from frys_edge.sandbox import Grant
+
+    granted = _load(args).config.plugins.grants.get(name)
+    if granted is None:
+        return Grant()
+    return Grant(capabilities=list(granted.capabilities), topics=list(granted.topics))
+
+
+def cmd_plugin_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from frys_edge.sandbox import PluginError, load_plugin, read_manifest
+
+    failed = False
+    for directory in args.dirs:
+        try:
+            manifest = read_manifest(Path(directory))
+            plugin = load_plugin(directory, _grant_for(args, manifest.name), pool_size=1)
+        except PluginError as e:
+            print(f"frys: {e}", file=sys.stderr)
+            failed = True
+            continue
+        denied = sorted(set(manifest.capabilities) - plugin.granted)
+        exports = ", ".join(plugin.exports) or "_start (WASI command)"
+        line = f"{directory}: ok: {manifest.name} {manifest.version}, exports {exports}"
+        if denied:
+            line += f"; not granted: {', '.join(denied)} (calls using them will fail)"
+        print(line)
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def cmd_plugin_call(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from frys_edge.sandbox import load_plugin, read_manifest
+
+    try:
+        value = json.loads(args.input)
+    except ValueError as e:
+        print(f"frys: --input is not JSON: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    manifest = read_manifest(Path(args.dir))
+    plugin = load_plugin(args.dir, _grant_for(args, manifest.name), pool_size=1)
+    print(json.dumps(plugin.call(args.export, value)))
+    return EXIT_OK
+
+
+def cmd_plugin_list(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from frys_edge.sandbox import PluginError, read_manifest
+
+    config = _load(args).config
+    for root in config.plugins.paths:
+        for path in sorted(Path(root).glob("*/frys-plugin.toml")):
+            try:
+                manifest = read_manifest(path.parent)
+            except PluginError as e:
+                print(f"{path.parent}: INVALID: {e}")
+                continue
+            grant = config.plugins.grants.get(manifest.name)
+            granted = ", ".join(grant.capabilities) if grant else "nothing"
+            exports = ", ".join(e.name for e in manifest.exports) or "_start"
+            print(
+                f"{manifest.name} {manifest.version} ({path.parent}): exports {exports}; "
+                f"granted {granted}"
+            )
     return EXIT_OK
 
 

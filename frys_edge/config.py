@@ -41,6 +41,7 @@ __all__ = [
     "LoadedConfig",
     "MemoryConfig",
     "NetworkConfig",
+    "PluginGrant",
     "PluginsConfig",
     "Problem",
     "StorageConfig",
@@ -101,12 +102,25 @@ class NetworkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     buffer_size: Annotated[_Size, msgspec.Meta(ge=1)] = 64 * _KIB
 
 
-class PluginsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Where plugins come from and whether they run sandboxed."""
+class PluginGrant(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What the operator allows one WASM plugin (nothing unless listed here)."""
 
+    capabilities: list[Literal["log", "kv", "emit", "clock", "random", "wasi"]] = []
+    # Topic patterns the plugin may emit on (with the emit capability).
+    topics: list[str] = []
+
+
+class PluginsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Where plugins come from, what they are granted, and whether they run sandboxed."""
+
+    # Directories whose subdirectories holding frys-plugin.toml are WASM plugins.
     paths: list[str] = []
     sandbox: bool = True
     native: list[str] = []
+    # Per plugin name: [plugins.grants.NAME] capabilities = [...], topics = [...].
+    grants: dict[str, PluginGrant] = {}
+    # Instances kept per WASM plugin (calls beyond it wait).
+    pool_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
 
 
 class MemoryConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -50,7 +50,8 @@ from frys_edge.core import (
 )
 from frys_edge.engine import Engine
 from frys_edge.metrics import Health, Metrics
-from frys_edge.storage import Storage
+from frys_edge.sandbox import Grant, HostServices, PluginError, WasmPlugin, load_plugin
+from frys_edge.storage import Storage, encode_value
 from frys_edge.workflow import WorkflowError
 
 log = logging.getLogger("frys")
@@ -69,10 +70,6 @@ STUCK_GRACE_SECONDS = 5.0
 
 class NotRunning(FrysError):
     """Work was offered to a runtime that is not started or is shutting down."""
-
-
-class PluginError(FrysError):
-    """A native plugin could not be found, loaded or unloaded."""
 
 
 class Budget(msgspec.Struct, frozen=True):
@@ -232,6 +229,7 @@ class Runtime:
         self.health = Health()
         self.metrics = Metrics()
         self.plugins: dict[str, NativePlugin] = {}
+        self.wasm: dict[str, WasmPlugin] = {}
         self.budget = budget_for(config.config.memory.limit)
         self.scheduler = Scheduler(
             max_pending=self.budget.max_pending_tasks, on_wake=self._wake_soon
@@ -299,6 +297,7 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
+        await anyio.to_thread.run_sync(self._load_wasm_plugins)
         self._load_workflows(Path(cfg.workflows.dir))
         await self.engine.resume()
         if self.engine.unresumable:
@@ -317,6 +316,59 @@ class Runtime:
             cfg.system.data_dir,
             cfg.storage.sync,
         )
+
+    def _load_wasm_plugins(self) -> None:
+        """Load every plugin dir under [plugins] paths; a bad one fails its health, not start."""
+        for root in self.config.plugins.paths:
+            for manifest in sorted(Path(root).glob("*/frys-plugin.toml")):
+                try:
+                    plugin = self.load_wasm(manifest.parent)
+                except PluginError as e:
+                    self.health.set(f"plugin:{manifest.parent.name}", "failed", str(e))
+                    log.error("WASM plugin not loaded: %s", e)
+                    continue
+                log.info("WASM plugin %s %s loaded", plugin.name, plugin.manifest.version)
+
+    def load_wasm(self, directory: Path) -> WasmPlugin:
+        """Load (or reload) one WASM plugin dir with the operator's grant for its name."""
+        from frys_edge.sandbox import read_manifest
+
+        cfg = self.config
+        name = read_manifest(directory).name
+        granted = cfg.plugins.grants.get(name)
+        grant = Grant(
+            capabilities=list(granted.capabilities) if granted else [],
+            topics=list(granted.topics) if granted else [],
+        )
+        services = HostServices(
+            kv_get=self._plugin_kv_get, kv_put=self._plugin_kv_put, publish=self._plugin_publish
+        )
+        plugin = load_plugin(
+            directory,
+            grant,
+            services=services,
+            cache_dir=Path(cfg.system.data_dir) / "plugin-cache",
+            pool_size=cfg.plugins.pool_size,
+        )
+        self.wasm[plugin.name] = plugin
+        self.health.set(f"plugin:{plugin.name}", "ok")
+        return plugin
+
+    # Host services for WASM plugins; they run on worker threads. KV lives in the plugin's
+    # own namespace, and publishing hops to the event loop, which owns the bus.
+    def _plugin_kv_get(self, plugin: str, key: str) -> Any:
+        assert self.storage is not None
+        entry = self.storage.get(f"plugin/{plugin}", key)
+        return None if entry is None else entry.value
+
+    def _plugin_kv_put(self, plugin: str, key: str, value: Any) -> None:
+        assert self.storage is not None
+        where = f"kv plugin/{plugin}/{key}"
+        op = ("put", f"plugin/{plugin}", key, encode_value(value, where), time.time())
+        self.storage.write([op])
+
+    def _plugin_publish(self, topic: str, payload: Any) -> None:
+        anyio.from_thread.run_sync(self.bus.publish, topic, payload)
 
     def _load_workflows(self, directory: Path) -> None:
         """Load every definition in the workflows dir; a bad file degrades health, not start."""

@@ -49,6 +49,9 @@ def test_every_command_has_help_with_an_example() -> None:
         ["workflow", "runs"],
         ["workflow", "show"],
         ["workflow", "cancel"],
+        ["plugin", "check"],
+        ["plugin", "call"],
+        ["plugin", "list"],
         ["bench"],
     ):
         result = frys(*args, "--help")
@@ -248,7 +251,7 @@ def test_design_document_example_is_rejected_naming_vector_search() -> None:
     result = frys("workflow", "validate", str(ROOT / "examples/workflows/design_doc.yaml"))
     assert result.returncode == 2
     assert "vector_search" in result.stderr
-    assert "known: emit, events.read, http, kv.get, kv.put, log, sleep, wait_event" in result.stderr
+    assert "known: emit, events.read, http, kv.get, kv.put, log, plugin, sleep" in result.stderr
 
 
 def test_diamond_runs_to_succeeded_and_is_listed(tmp_path: Path) -> None:

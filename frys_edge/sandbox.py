@@ -1,0 +1,600 @@
+"""Sandbox: loads WebAssembly plugins and calls them with deny-by-default capabilities and limits.
+
+A plugin is a directory with `frys-plugin.toml` and its `.wasm`. Loading checks the module's
+sha256 against the manifest before compiling; compiled modules are cached on disk (keyed by
+module hash, wasmtime version and engine settings, and checked by their own hash before use).
+Every call runs with fuel, a wall-clock deadline (epoch interruption), a memory cap, a stack
+cap and an output cap; a call that hits one fails with a PluginError naming it and its
+instance is discarded. Host functions exist only for capabilities the manifest asks for AND
+the operator grants; an ungranted one is linked as a stub that fails the call, so the host is
+never reached. The ABI is in plugins/ABI.md. wasmtime is imported only when a plugin loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from frys_edge.core import FrysError, Pool, PoolExhausted, topic_matches
+
+log = logging.getLogger("frys.plugins")
+
+MANIFEST = "frys-plugin.toml"
+CAPABILITIES = ("log", "kv", "emit", "clock", "random", "wasi")
+EPOCH_TICK = 0.005  # seconds between epoch increments: the deadline's resolution
+PAGE = 65536
+# Hard caps whatever a manifest asks: an operator raises them in code, not a plugin.
+MAX_PAGES = 4096  # 256 MiB
+MAX_FUEL = 10**12
+MAX_DEADLINE_MS = 60_000
+MAX_OUTPUT = 64 * 1024 * 1024
+STACK_BYTES = 512 * 1024
+
+
+class PluginError(FrysError):
+    """A plugin could not be found, loaded or called."""
+
+    def __init__(self, message: str, kind: str = "error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-call bounds; defaults suit a small detector or decoder."""
+
+    memory_pages: int = 16
+    fuel: int = 10_000_000
+    deadline_ms: int = 1000
+    max_output: int = 1024 * 1024
+
+
+class ExportSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One function a plugin offers."""
+
+    name: str
+    description: str = ""
+    input: str = ""
+    output: str = ""
+    batch: bool = False
+
+
+class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """`frys-plugin.toml`."""
+
+    name: str
+    version: str
+    module: str
+    sha256: str
+    description: str = ""
+    kind: Literal["reactor", "command"] = "reactor"
+    format: Literal["json"] = "json"
+    capabilities: list[str] = []
+    exports: list[ExportSpec] = []
+    limits: Limits = Limits()
+
+
+class Grant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """What the operator allows one plugin: capabilities and, for emit, topic patterns."""
+
+    capabilities: list[str] = []
+    topics: list[str] = []
+
+
+class HostServices:
+    """What host functions reach: a KV store and a publisher. The runtime supplies real ones."""
+
+    def __init__(
+        self,
+        kv_get: Callable[[str, str], Any] | None = None,
+        kv_put: Callable[[str, str, Any], None] | None = None,
+        publish: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        self.kv_get = kv_get
+        self.kv_put = kv_put
+        self.publish = publish
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse and check a plugin directory's manifest; every problem in one PluginError."""
+    path = directory / MANIFEST
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PluginError(f"{path}: no manifest; a plugin dir needs {MANIFEST}") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PluginError(f"{path}: cannot read the manifest: {e}") from e
+    try:
+        manifest = msgspec.convert(raw, Manifest)
+    except msgspec.ValidationError as e:
+        raise PluginError(f"{path}: {e}") from e
+    problems = []
+    if not _NAME.match(manifest.name):
+        problems.append(f"name {manifest.name!r} must match [A-Za-z0-9_-]+")
+    unknown = sorted(set(manifest.capabilities) - set(CAPABILITIES))
+    if unknown:
+        problems.append(f"unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}")
+    if manifest.kind == "reactor" and not manifest.exports:
+        problems.append("a reactor plugin lists at least one [[exports]]")
+    lim = manifest.limits
+    for field, value, cap in (
+        ("memory_pages", lim.memory_pages, MAX_PAGES),
+        ("fuel", lim.fuel, MAX_FUEL),
+        ("deadline_ms", lim.deadline_ms, MAX_DEADLINE_MS),
+        ("max_output", lim.max_output, MAX_OUTPUT),
+    ):
+        if not 1 <= value <= cap:
+            problems.append(f"limits.{field} = {value} is outside 1..{cap}")
+    if problems:
+        raise PluginError(f"{path}: " + "; ".join(problems))
+    return manifest
+
+
+def _wasmtime() -> Any:
+    try:
+        import wasmtime
+    except ImportError as e:
+        raise PluginError(
+            "WASM plugins need wasmtime: pip install 'frys-edge[plugins]'", "missing"
+        ) from e
+    return wasmtime
+
+
+class _Ticker:
+    """Advances an engine's epoch every EPOCH_TICK seconds, so deadlines can fire."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        thread = threading.Thread(target=self._run, name="frys-wasm-epoch", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(EPOCH_TICK)
+            self.engine.increment_epoch()
+
+
+_engine_lock = threading.Lock()
+_engine: Any = None
+
+
+def shared_engine() -> Any:
+    """One wasmtime Engine for the process: fuel and epochs on, stack capped."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            wt = _wasmtime()
+            config = wt.Config()
+            config.consume_fuel = True
+            config.epoch_interruption = True
+            config.max_wasm_stack = STACK_BYTES
+            config.cranelift_opt_level = "speed"
+            _engine = wt.Engine(config)
+            _Ticker(_engine)
+        return _engine
+
+
+def _cache_key(digest: str) -> str:
+    wt = _wasmtime()
+    version = getattr(wt, "__version__", None) or _installed_version()
+    settings = f"fuel,epoch,stack={STACK_BYTES},speed"
+    return hashlib.sha256(f"{digest}|{version}|{settings}".encode()).hexdigest()[:32]
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version("wasmtime")
+
+
+def compile_module(data: bytes, digest: str, cache_dir: Path | None) -> tuple[Any, bool]:
+    """The compiled module, from the AOT cache when a sound entry exists; (module, hit)."""
+    wt = _wasmtime()
+    engine = shared_engine()
+    if cache_dir is None:
+        return wt.Module(engine, data), False
+    key = _cache_key(digest)
+    blob, check = cache_dir / f"{key}.cwasm", cache_dir / f"{key}.sha256"
+    try:
+        cached = blob.read_bytes()
+        # Deserializing runs native code: only a file whose hash we wrote is trusted.
+        if hashlib.sha256(cached).hexdigest() == check.read_text().strip():
+            return wt.Module.deserialize(engine, cached), True
+        log.warning("plugin cache %s does not match its hash; rebuilding it", blob)
+    except FileNotFoundError:
+        pass
+    except (OSError, wt.WasmtimeError) as e:
+        log.warning("plugin cache %s unusable (%s); rebuilding it", blob, e)
+    module = wt.Module(engine, data)
+    serialized = module.serialize()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = blob.with_suffix(".tmp")
+    tmp.write_bytes(serialized)
+    os.replace(tmp, blob)
+    check.write_text(hashlib.sha256(serialized).hexdigest())
+    return module, False
+
+
+class _Instance:
+    """One instantiated module in its own store; discarded after any failed call."""
+
+    def __init__(self, plugin: WasmPlugin, wasi: Any = None) -> None:
+        wt = _wasmtime()
+        self.plugin = plugin
+        self.store = wt.Store(shared_engine())
+        if wasi is not None:
+            self.store.set_wasi(wasi)
+        limits = plugin.manifest.limits
+        self.store.set_limits(memory_size=limits.memory_pages * PAGE, instances=4, memories=2)
+        self.failure: str | None = None
+        self.broken = False
+        linker = plugin.linker(self)
+        try:
+            self.store.set_fuel(limits.fuel)
+            self.store.set_epoch_deadline(_ticks(limits.deadline_ms))
+            self.instance = linker.instantiate(self.store, plugin.module)
+        except (wt.WasmtimeError, wt.Trap) as e:
+            raise PluginError(f"plugin {plugin.name}: cannot instantiate: {e}", "link") from e
+        exports = self.instance.exports(self.store)
+        self.exports = exports
+        # A command module's memory is its own business; a reactor's is the ABI's buffer space.
+        self.memory: Any = exports.get("memory")
+
+
+def _ticks(deadline_ms: int) -> int:
+    return max(1, round(deadline_ms / 1000 / EPOCH_TICK)) + 1
+
+
+_TRAP_KINDS = {
+    "OUT_OF_FUEL": "fuel",
+    "INTERRUPT": "deadline",
+    "STACK_OVERFLOW": "stack",
+    "MEMORY_OUT_OF_BOUNDS": "memory",
+    "UNREACHABLE": "trap",
+}
+
+
+def _trap_kind(error: Any) -> str:
+    code = getattr(error, "trap_code", None)
+    return _TRAP_KINDS.get(getattr(code, "name", ""), "trap")
+
+
+class WasmPlugin:
+    """A loaded plugin: its manifest, compiled module, granted capabilities and instance pool."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        module: Any,
+        granted: set[str],
+        topics: Sequence[str],
+        services: HostServices,
+        pool_size: int,
+        cache_hit: bool,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.name = manifest.name
+        self.module = module
+        self.granted = granted
+        self.topics = list(topics)
+        self.services = services
+        self.cache_hit = cache_hit
+        self.calls = 0
+        self.errors = 0
+        self.fuel_used = 0
+        self.exports = {e.name: e for e in manifest.exports}
+        self.pool: Pool = Pool(
+            lambda: _Instance(self), pool_size, name=f"plugin-{self.name}", reset=_reset
+        )
+
+    # -- host functions -------------------------------------------------------------------
+
+    def linker(self, inst: _Instance) -> Any:
+        wt = _wasmtime()
+        linker = wt.Linker(shared_engine())
+        i32, i64 = wt.ValType.i32(), wt.ValType.i64()
+        name = self.name
+
+        def refuse(capability: str) -> Callable[..., Any]:
+            def stub(*_args: Any) -> Any:
+                raise wt.Trap(
+                    f"plugin {name} called a host function of capability {capability!r}, "
+                    "which it was not granted"
+                )
+
+            return stub
+
+        def read(caller: Any, ptr: int, length: int) -> bytes:
+            memory = caller["memory"]
+            if length < 0 or ptr < 0 or ptr + length > memory.data_len(caller):
+                raise wt.Trap(f"plugin {name} passed a buffer outside its memory")
+            return bytes(memory.read(caller, ptr, ptr + length))
+
+        def fail(caller: Any, ptr: int, length: int) -> None:
+            inst.failure = read(caller, ptr, min(length, 4096)).decode(errors="replace")
+
+        def host_log(caller: Any, level: int, ptr: int, length: int) -> None:
+            text = read(caller, ptr, min(length, 4096)).decode(errors="replace")
+            levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+            log.log(levels[min(max(level, 0), 3)], "plugin %s: %s", name, text)
+
+        def kv_get(caller: Any, kptr: int, klen: int) -> int:
+            if self.services.kv_get is None:
+                return 0
+            value = self.services.kv_get(name, read(caller, kptr, klen).decode())
+            if value is None:
+                return 0
+            data = json.dumps(value).encode()
+            ptr: int = caller["alloc"](caller, len(data))
+            caller["memory"].write(caller, data, ptr)
+            return (ptr << 32) | len(data)
+
+        def kv_put(caller: Any, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+            if self.services.kv_put is None:
+                return -1
+            try:
+                value = json.loads(read(caller, vptr, vlen))
+                self.services.kv_put(name, read(caller, kptr, klen).decode(), value)
+            except (ValueError, FrysError) as e:
+                log.warning("plugin %s: kv_put refused: %s", name, e)
+                return -1
+            return 0
+
+        def emit(caller: Any, tptr: int, tlen: int, pptr: int, plen: int) -> int:
+            topic = read(caller, tptr, tlen).decode(errors="replace")
+            if self.services.publish is None or not any(
+                topic_matches(p, topic) for p in self.topics
+            ):
+                log.warning("plugin %s: emit on %r refused (granted: %s)", name, topic, self.topics)
+                return -1
+            try:
+                self.services.publish(topic, json.loads(read(caller, pptr, plen) or b"null"))
+            except (ValueError, FrysError) as e:
+                log.warning("plugin %s: emit refused: %s", name, e)
+                return -1
+            return 0
+
+        def clock_ms() -> int:
+            return int(time.time() * 1000)
+
+        def random_u64() -> int:
+            return int.from_bytes(os.urandom(8), "little", signed=True)
+
+        functions: list[tuple[str, str | None, list[Any], list[Any], Callable[..., Any], bool]] = [
+            ("fail", None, [i32, i32], [], fail, True),
+            ("log", "log", [i32, i32, i32], [], host_log, True),
+            ("kv_get", "kv", [i32, i32], [i64], kv_get, True),
+            ("kv_put", "kv", [i32, i32, i32, i32], [i32], kv_put, True),
+            ("emit", "emit", [i32, i32, i32, i32], [i32], emit, True),
+            ("clock_ms", "clock", [], [i64], clock_ms, False),
+            ("random_u64", "random", [], [i64], random_u64, False),
+        ]
+        for fname, capability, params, results, fn, caller in functions:
+            ftype = wt.FuncType(params, results)
+            if capability is None or capability in self.granted:
+                linker.define_func("frys", fname, ftype, fn, access_caller=caller)
+            else:
+                linker.define_func("frys", fname, ftype, refuse(capability))
+        if "wasi" in self.granted:
+            linker.define_wasi()
+        return linker
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def call(self, export: str, value: Any) -> Any:
+        """Call an export with a JSON-able value; returns its decoded output."""
+        return json.loads(self.call_raw(export, json.dumps(value).encode()) or b"null")
+
+    def call_batch(self, export: str, values: Sequence[Any]) -> list[Any]:
+        """Many inputs through a batch export in one crossing (one call per input otherwise)."""
+        spec = self._export(export)
+        if not spec.batch:
+            return [self.call(export, v) for v in values]
+        out = self.call(export, list(values))
+        if not isinstance(out, list) or len(out) != len(values):
+            raise PluginError(
+                f"plugin {self.name}.{export}: a batch export must return one output per input",
+                "abi",
+            )
+        return out
+
+    def _export(self, export: str) -> ExportSpec:
+        spec = self.exports.get(export)
+        if spec is None:
+            known = ", ".join(sorted(self.exports)) or "none"
+            raise PluginError(f"plugin {self.name} has no export {export!r} (exports: {known})")
+        return spec
+
+    def call_raw(self, export: str, data: bytes) -> bytes:
+        """Call with input bytes; returns output bytes. Runs in the calling thread."""
+        if self.manifest.kind == "command":
+            return self._run_command(data)
+        self._export(export)
+        limits = self.manifest.limits
+        try:
+            inst = self.pool.acquire(timeout=limits.deadline_ms / 1000)
+        except PoolExhausted as e:
+            raise PluginError(f"plugin {self.name}: {e}", "busy") from e
+        self.calls += 1
+        try:
+            inst.store.set_fuel(limits.fuel)
+            inst.store.set_epoch_deadline(_ticks(limits.deadline_ms))
+            out = self._invoke(inst, export, data)
+        except PluginError:
+            inst.broken = True
+            self.errors += 1
+            raise
+        finally:
+            self.fuel_used += limits.fuel - inst.store.get_fuel()
+            self.pool.release(inst)
+        return out
+
+    def _invoke(self, inst: _Instance, export: str, data: bytes) -> bytes:
+        wt = _wasmtime()
+        store, ex = inst.store, inst.exports
+        max_output = self.manifest.limits.max_output
+        try:
+            memory = inst.memory
+            ptr = ex["alloc"](store, len(data)) if data else 0
+            if data:
+                memory.write(store, data, ptr)
+            packed = ex[export](store, ptr, len(data)) & 0xFFFFFFFFFFFFFFFF
+            if inst.failure is not None:
+                raise PluginError(f"plugin {self.name}.{export} failed: {inst.failure}", "fail")
+            out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
+            if out_len > max_output:
+                raise PluginError(
+                    f"plugin {self.name}.{export} returned {out_len} bytes, over its "
+                    f"max_output of {max_output}",
+                    "output",
+                )
+            if out_ptr + out_len > memory.data_len(store):
+                raise PluginError(f"plugin {self.name}.{export} returned a bad buffer", "abi")
+            out = bytes(memory.read(store, out_ptr, out_ptr + out_len)) if out_len else b""
+            if out_len:
+                ex["dealloc"](store, out_ptr, out_len)
+            if data:
+                ex["dealloc"](store, ptr, len(data))
+            return out
+        except wt.Trap as e:
+            kind = _trap_kind(e)
+            message = inst.failure or _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
+            raise PluginError(f"plugin {self.name}.{export}: {message}", kind) from e
+        except wt.WasmtimeError as e:
+            raise PluginError(f"plugin {self.name}.{export}: {e}", "trap") from e
+        except KeyError as e:
+            raise PluginError(
+                f"plugin {self.name} does not export {e.args[0]!r} as the ABI requires "
+                "(see plugins/ABI.md)",
+                "abi",
+            ) from e
+
+    def _run_command(self, data: bytes) -> bytes:
+        """A WASI command: a fresh instance runs `_start`, stdin is the input, stdout the output."""
+        wt = _wasmtime()
+        limits = self.manifest.limits
+        self.calls += 1
+        with tempfile.TemporaryDirectory(prefix="frys-wasi-") as tmp:
+            stdin, stdout = Path(tmp) / "stdin", Path(tmp) / "stdout"
+            stdin.write_bytes(data)
+            wasi = wt.WasiConfig()
+            # No preopened dirs, no environment, no arguments, no sockets.
+            wasi.stdin_file = str(stdin)
+            wasi.stdout_file = str(stdout)
+            inst = _Instance(self, wasi)
+            try:
+                inst.exports["_start"](inst.store)
+            except wt.ExitTrap as e:
+                if e.code != 0:
+                    self.errors += 1
+                    raise PluginError(f"plugin {self.name} exited with status {e.code}") from e
+            except wt.Trap as e:
+                self.errors += 1
+                kind = _trap_kind(e)
+                message = _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
+                raise PluginError(f"plugin {self.name}: {message}", kind) from e
+            finally:
+                self.fuel_used += limits.fuel - inst.store.get_fuel()
+            size = stdout.stat().st_size
+            if size > limits.max_output:
+                self.errors += 1
+                raise PluginError(
+                    f"plugin {self.name} wrote {size} bytes, over its max_output of "
+                    f"{limits.max_output}",
+                    "output",
+                )
+            return stdout.read_bytes()
+
+
+def _reset(inst: _Instance) -> None:
+    # A failed call may leave the instance in any state: never reuse it.
+    if inst.broken:
+        raise PluginError("instance discarded after a failed call")
+    inst.failure = None
+
+
+_TRAP_MESSAGES = {
+    "fuel": "ran out of fuel (limits.fuel); the call was stopped",
+    "deadline": "ran past its deadline (limits.deadline_ms); the call was stopped",
+    "stack": "exhausted its stack (infinite recursion?); the call was stopped",
+    "memory": "accessed memory out of bounds",
+}
+
+
+def load_plugin(
+    directory: str | os.PathLike[str],
+    grant: Grant | None = None,
+    *,
+    services: HostServices | None = None,
+    cache_dir: Path | None = None,
+    pool_size: int = 4,
+) -> WasmPlugin:
+    """Check and load a plugin directory; the hash is checked before anything compiles."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    module_path = directory / manifest.module
+    try:
+        data = module_path.read_bytes()
+    except OSError as e:
+        raise PluginError(f"{module_path}: cannot read the module: {e.strerror}") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256.lower():
+        raise PluginError(
+            f"{module_path}: sha256 {digest} does not match the manifest's {manifest.sha256}; "
+            "the module was altered or the manifest is stale: refusing to load it",
+            "integrity",
+        )
+    grant = grant or Grant()
+    granted = set(manifest.capabilities) & set(grant.capabilities)
+    denied = sorted(set(manifest.capabilities) - granted)
+    if denied:
+        log.info("plugin %s: capabilities asked for but not granted: %s", manifest.name, denied)
+    wt = _wasmtime()
+    try:
+        module, hit = compile_module(data, digest, cache_dir)
+    except wt.WasmtimeError as e:
+        raise PluginError(f"{module_path}: not a valid WebAssembly module: {e}", "invalid") from e
+    _check_imports(manifest, module, module_path)
+    plugin = WasmPlugin(
+        directory,
+        manifest,
+        module,
+        granted,
+        grant.topics,
+        services or HostServices(),
+        pool_size,
+        hit,
+    )
+    plugin.pool.release(plugin.pool.acquire())  # instantiate once now: link errors show here
+    return plugin
+
+
+def _check_imports(manifest: Manifest, module: Any, path: Path) -> None:
+    wasi = manifest.kind == "command" or "wasi" in manifest.capabilities
+    for imp in module.imports:
+        if imp.module == "frys":
+            continue
+        if imp.module.startswith("wasi_") and wasi:
+            continue
+        raise PluginError(
+            f"{path}: imports {imp.module}.{imp.name}, which the host does not provide; "
+            "plugins may import only the frys functions in plugins/ABI.md"
+            + (" (and WASI when the manifest asks for it)" if not wasi else ""),
+            "link",
+        )

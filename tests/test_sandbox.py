@@ -1,0 +1,286 @@
+"""The WASM sandbox with real wasmtime: integrity, capabilities, limits, cache, pool."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wasmtime
+
+from frys_edge.sandbox import Grant, HostServices, PluginError, load_plugin
+
+# A reactor with the ABI at its smallest: a bump allocator, and exports that use host imports.
+ABI_WAT = """
+(module
+  (import "frys" "fail" (func $fail (param i32 i32)))
+  (import "frys" "kv_put" (func $kv_put (param i32 i32 i32 i32) (result i32)))
+  (import "frys" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
+  (import "frys" "clock_ms" (func $clock (result i64)))
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 1024))
+  (data (i32.const 16) "k1")
+  (data (i32.const 32) "42")
+  (data (i32.const 48) "alerts/x")
+  (data (i32.const 64) "bad input")
+  (func $alloc (export "alloc") (param $n i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $n)))
+    (local.get $p))
+  (func (export "dealloc") (param i32 i32))
+  ;; echo: output = input
+  (func (export "echo") (param $p i32) (param $n i32) (result i64)
+    (i64.or (i64.shl (i64.extend_i32_u (local.get $p)) (i64.const 32))
+            (i64.extend_i32_u (local.get $n))))
+  ;; store: kv_put("k1", 42); returns its status as the output "0" or "-1"
+  (func (export "store") (param i32 i32) (result i64)
+    (local $r i32)
+    (local.set $r (call $kv_put (i32.const 16) (i32.const 2) (i32.const 32) (i32.const 2)))
+    (i32.store8 (i32.const 96) (select (i32.const 48) (i32.const 45) (i32.eqz (local.get $r))))
+    (i64.or (i64.shl (i64.const 96) (i64.const 32)) (i64.const 1)))
+  (func (export "shout") (param i32 i32) (result i64)
+    (drop (call $emit (i32.const 48) (i32.const 8) (i32.const 32) (i32.const 2)))
+    (i64.const 0))
+  (func (export "now") (param i32 i32) (result i64)
+    (drop (call $clock)) (i64.const 0))
+  (func (export "refuse") (param i32 i32) (result i64)
+    (call $fail (i32.const 64) (i32.const 9)) (i64.const 0))
+  (func (export "spin") (param i32 i32) (result i64)
+    (loop $l (br $l)) (i64.const 0))
+)
+"""
+EXPORTS = ["echo", "store", "shout", "now", "refuse", "spin"]
+
+
+def make_plugin(
+    tmp_path: Path,
+    wat: str = ABI_WAT,
+    *,
+    capabilities: list[str] | None = None,
+    exports: list[str] | None = None,
+    limits: str = "",
+    name: str = "abi",
+) -> Path:
+    directory = tmp_path / name
+    directory.mkdir()
+    wasm = wasmtime.wat2wasm(wat)
+    (directory / "plugin.wasm").write_bytes(wasm)
+    caps = capabilities if capabilities is not None else ["kv", "emit", "clock"]
+    lines = [
+        f'name = "{name}"',
+        'version = "1.0.0"',
+        'module = "plugin.wasm"',
+        f'sha256 = "{hashlib.sha256(wasm).hexdigest()}"',
+        f"capabilities = {caps!r}".replace("'", '"'),
+    ]
+    for export in exports if exports is not None else EXPORTS:
+        lines += ["[[exports]]", f'name = "{export}"']
+    (directory / "frys-plugin.toml").write_text("\n".join(lines) + "\n" + limits)
+    return directory
+
+
+class Services:
+    def __init__(self) -> None:
+        self.kv: dict[tuple[str, str], Any] = {}
+        self.published: list[tuple[str, Any]] = []
+        self.host = HostServices(
+            kv_get=lambda ns, k: self.kv.get((ns, k)),
+            kv_put=lambda ns, k, v: self.kv.__setitem__((ns, k), v),
+            publish=lambda topic, payload: self.published.append((topic, payload)),
+        )
+
+
+def test_echo_round_trips_json(tmp_path: Path) -> None:
+    plugin = load_plugin(make_plugin(tmp_path))
+    assert plugin.call("echo", {"a": [1, 2.5, "x"]}) == {"a": [1, 2.5, "x"]}
+    assert plugin.call_batch("echo", [1, 2, 3]) == [1, 2, 3]
+
+
+def test_granted_capabilities_reach_the_host(tmp_path: Path) -> None:
+    services = Services()
+    grant = Grant(capabilities=["kv", "emit"], topics=["alerts/#"])
+    plugin = load_plugin(make_plugin(tmp_path), grant, services=services.host)
+    assert plugin.call("store", None) == 0
+    assert services.kv == {("abi", "k1"): 42}
+    plugin.call("shout", None)
+    assert services.published == [("alerts/x", 42)]
+
+
+def test_ungranted_capabilities_fail_the_call_and_never_reach_the_host(tmp_path: Path) -> None:
+    services = Services()
+    plugin = load_plugin(make_plugin(tmp_path), Grant(), services=services.host)
+    with pytest.raises(PluginError, match=r"capability 'kv'.*not granted"):
+        plugin.call("store", None)
+    with pytest.raises(PluginError, match="capability 'clock'"):
+        plugin.call("now", None)
+    assert services.kv == {} and services.published == []
+    assert plugin.call("echo", "still serving") == "still serving"
+
+
+def test_emit_outside_the_granted_topics_is_refused(tmp_path: Path) -> None:
+    services = Services()
+    grant = Grant(capabilities=["emit"], topics=["sensors/#"])
+    plugin = load_plugin(make_plugin(tmp_path), grant, services=services.host)
+    plugin.call("shout", None)
+    assert services.published == []
+
+
+def test_a_capability_granted_but_not_asked_for_is_not_linked(tmp_path: Path) -> None:
+    services = Services()
+    directory = make_plugin(tmp_path, capabilities=[])
+    plugin = load_plugin(directory, Grant(capabilities=["kv"]), services=services.host)
+    with pytest.raises(PluginError, match="not granted"):
+        plugin.call("store", None)
+
+
+def test_fail_reports_the_plugins_message(tmp_path: Path) -> None:
+    plugin = load_plugin(make_plugin(tmp_path))
+    with pytest.raises(PluginError, match="failed: bad input") as err:
+        plugin.call("refuse", None)
+    assert err.value.kind == "fail"
+
+
+def test_an_infinite_loop_is_stopped_by_fuel_or_deadline(tmp_path: Path) -> None:
+    limits = "[limits]\nfuel = 1000000000000\ndeadline_ms = 100\n"
+    plugin = load_plugin(make_plugin(tmp_path, limits=limits))
+    t0 = time.monotonic()
+    with pytest.raises(PluginError, match="deadline") as err:
+        plugin.call("spin", None)
+    assert err.value.kind == "deadline"
+    assert time.monotonic() - t0 < 0.1 + 0.05
+    fueled = load_plugin(make_plugin(tmp_path, name="fueled", limits="[limits]\nfuel = 100000\n"))
+    with pytest.raises(PluginError, match="fuel") as err:
+        fueled.call("spin", None)
+    assert err.value.kind == "fuel"
+    assert fueled.call("echo", 1) == 1, "the host keeps serving after a trap"
+
+
+def test_a_tampered_module_is_refused_before_compiling(tmp_path: Path) -> None:
+    directory = make_plugin(tmp_path)
+    wasm = directory / "plugin.wasm"
+    data = bytearray(wasm.read_bytes())
+    data[-1] ^= 0xFF
+    wasm.write_bytes(bytes(data))
+    with pytest.raises(PluginError, match=r"sha256 .* does not match the manifest") as err:
+        load_plugin(directory)
+    assert err.value.kind == "integrity"
+
+
+def test_imports_outside_the_abi_are_refused_at_load(tmp_path: Path) -> None:
+    wat = '(module (import "env" "system" (func (param i32))) (memory (export "memory") 1))'
+    with pytest.raises(PluginError, match=r"imports env\.system"):
+        load_plugin(make_plugin(tmp_path, wat, exports=["x"]))
+
+
+def test_compiled_modules_are_cached_and_a_corrupt_entry_is_rebuilt(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    directory = make_plugin(tmp_path)
+    first = load_plugin(directory, cache_dir=cache)
+    assert not first.cache_hit
+    second = load_plugin(directory, cache_dir=cache)
+    assert second.cache_hit and second.call("echo", 5) == 5
+    (blob,) = cache.glob("*.cwasm")
+    blob.write_bytes(blob.read_bytes()[:-100] + b"x" * 100)
+    third = load_plugin(directory, cache_dir=cache)
+    assert not third.cache_hit and third.call("echo", 6) == 6
+    assert load_plugin(directory, cache_dir=cache).cache_hit
+
+
+def test_the_instance_pool_bound_holds_under_concurrent_calls(tmp_path: Path) -> None:
+    plugin = load_plugin(make_plugin(tmp_path), pool_size=2)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for i in range(50):
+                assert plugin.call("echo", i) == i
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stats = plugin.pool.stats()
+    assert stats["high_water"] <= 2 and stats["created"] <= 2
+    assert plugin.calls == 300
+
+
+def test_unknown_exports_and_bad_manifests_are_clear(tmp_path: Path) -> None:
+    plugin = load_plugin(make_plugin(tmp_path))
+    with pytest.raises(PluginError, match="no export 'nope'"):
+        plugin.call("nope", None)
+    directory = make_plugin(tmp_path, name="bad", capabilities=["sockets"])
+    with pytest.raises(PluginError, match="unknown capabilities"):
+        load_plugin(directory)
+
+
+def test_runtime_loads_plugins_with_grants_and_the_plugin_action_calls_them(tmp_path: Path) -> None:
+    import anyio
+
+    from frys_edge.config import load_config
+    from frys_edge.runtime import Runtime
+    from frys_edge.workflow import parse_workflow
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    make_plugin(plugins)
+    (tmp_path / "frys.toml").write_text(
+        f'[system]\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[plugins]\npaths = ["{plugins}"]\n'
+        '[plugins.grants.abi]\ncapabilities = ["kv", "emit"]\ntopics = ["alerts/#"]\n'
+    )
+
+    async def main() -> None:
+        async with Runtime(load_config(tmp_path / "frys.toml", env={})) as rt:
+            assert set(rt.wasm) == {"abi"} and rt.health.components["plugin:abi"].status == "ok"
+            alerts = rt.bus.subscribe("alerts/#")
+            steps = [
+                {
+                    "name": "e",
+                    "action": "plugin",
+                    "params": {"plugin": "abi", "export": "echo", "input": {"v": 1}},
+                },
+                {
+                    "name": "b",
+                    "action": "plugin",
+                    "params": {"plugin": "abi", "export": "echo", "input": [1, 2], "batch": True},
+                },
+                {"name": "s", "action": "plugin", "params": {"plugin": "abi", "export": "store"}},
+                {"name": "x", "action": "plugin", "params": {"plugin": "abi", "export": "shout"}},
+            ]
+            workflow = parse_workflow({"name": "p", "steps": steps}, rt.engine.actions)
+            rt.engine.workflows["p"] = workflow
+            run = await rt.engine.wait(await rt.engine.start("p"))
+            assert run.status == "succeeded", run.error
+            assert rt.storage is not None
+            outputs = {s.name: s.output for s in rt.storage.run_steps(run.id)}
+            assert outputs == {"e": {"v": 1}, "b": [1, 2], "s": 0, "x": None}
+            entry = rt.storage.get("plugin/abi", "k1")
+            assert entry is not None and entry.value == 42
+            message = alerts.get_nowait()
+            assert message is not None and (message.topic, message.payload) == ("alerts/x", 42)
+
+    anyio.run(main)
+
+
+def test_plugin_cli_check_call_and_refusal(tmp_path: Path) -> None:
+    from conftest import frys
+
+    directory = make_plugin(tmp_path)
+    check = frys("plugin", "check", str(directory))
+    assert check.returncode == 0, check.stderr
+    assert "ok: abi 1.0.0" in check.stdout and "not granted: clock, emit, kv" in check.stdout
+    call = frys("plugin", "call", str(directory), "echo", "--input", '{"a": 1}')
+    assert call.returncode == 0 and call.stdout.strip() == '{"a": 1}'
+    wasm = directory / "plugin.wasm"
+    wasm.write_bytes(wasm.read_bytes() + b"\0")
+    tampered = frys("plugin", "check", str(directory))
+    assert tampered.returncode == 2
+    assert "plugin.wasm: sha256" in tampered.stderr and "refusing to load it" in tampered.stderr
