@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workflows, the workflow engine) against floors measured in the same run.\n\n"
         "example:\n  frys bench --json results.json\n  frys bench --workflows --quick",
     )
-    bench.add_argument("--workflows", action="store_true", help="the workflow engine suite")
+    suite = bench.add_mutually_exclusive_group()
+    suite.add_argument("--workflows", action="store_true", help="the workflow engine suite")
+    suite.add_argument("--plugins", action="store_true", help="the WASM plugin sandbox suite")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.set_defaults(func=cmd_bench)
@@ -684,6 +686,10 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.plugins:
+        from frys_edge.bench_plugins import run_plugin_benchmarks
+
+        return run_plugin_benchmarks(json_path=args.json, quick=args.quick)
     if args.workflows:
         from frys_edge.bench_workflows import run_workflow_benchmarks
 
