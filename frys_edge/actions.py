@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from frys_edge.core import topic_matches
+from frys_edge.sandbox import PluginError
 from frys_edge.storage import RunRecord, StepRecord
 from frys_edge.workflow import WorkflowError
 
@@ -247,11 +248,25 @@ async def _plugin(ctx: ActionContext, params: dict[str, Any]) -> Any:
         loaded = ", ".join(sorted(ctx.rt.wasm)) or "none"
         raise WorkflowError(f"action plugin: no WASM plugin {name!r} is loaded ({loaded})")
     value = params.get("input")
-    if params.get("batch"):
-        if not isinstance(value, list):
-            raise WorkflowError("action plugin: batch: true needs a list as input")
-        return await anyio.to_thread.run_sync(plugin.call_batch, export, value)
-    return await anyio.to_thread.run_sync(plugin.call, export, value)
+    batch = bool(params.get("batch"))
+    if batch and not isinstance(value, list):
+        raise WorkflowError("action plugin: batch: true needs a list as input")
+    metrics = ctx.rt.metrics
+    labels = {"plugin": name, "export": export}
+    started = time.perf_counter()
+    try:
+        if isinstance(value, list) and batch:
+            return await anyio.to_thread.run_sync(plugin.call_batch, export, value)
+        return await anyio.to_thread.run_sync(plugin.call, export, value)
+    except PluginError as e:
+        metrics.counter(
+            "plugin_errors_total", "Plugin calls failed", {**labels, "kind": e.kind}
+        ).inc()
+        raise
+    finally:
+        metrics.histogram("plugin_call_seconds", "Plugin call time", labels).observe(
+            time.perf_counter() - started
+        )
 
 
 BUILTIN_ACTIONS: dict[str, Action] = {

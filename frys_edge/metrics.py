@@ -140,9 +140,15 @@ class Metrics:
         assert isinstance(m, Counter)
         return m
 
-    def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
-        """The gauge `name`, read from `read` at collection time when given."""
-        m = self._add(Gauge(name, help, read), None)
+    def gauge(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], float] | None = None,
+        labels: Labels | None = None,
+    ) -> Gauge:
+        """The gauge `name` with these labels, read from `read` at collection time if given."""
+        m = self._add(Gauge(name, help, read), labels)
         assert isinstance(m, Gauge)
         return m
 

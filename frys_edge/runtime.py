@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -321,11 +321,16 @@ class Runtime:
         """Load every plugin dir under [plugins] paths; a bad one fails its health, not start."""
         for root in self.config.plugins.paths:
             for manifest in sorted(Path(root).glob("*/frys-plugin.toml")):
+                key = f"plugin:{manifest.parent.name}"
                 try:
                     plugin = self.load_wasm(manifest.parent)
                 except PluginError as e:
-                    self.health.set(f"plugin:{manifest.parent.name}", "failed", str(e))
-                    log.error("WASM plugin not loaded: %s", e)
+                    # A bad new version leaves the loaded one serving.
+                    serving = manifest.parent.name in self.wasm
+                    status: Literal["degraded", "failed"] = "degraded" if serving else "failed"
+                    suffix = "; the loaded version keeps serving" if serving else ""
+                    self.health.set(key, status, f"{e}{suffix}")
+                    log.error("WASM plugin not loaded: %s%s", e, suffix)
                     continue
                 log.info("WASM plugin %s %s loaded", plugin.name, plugin.manifest.version)
 
@@ -352,7 +357,20 @@ class Runtime:
         )
         self.wasm[plugin.name] = plugin
         self.health.set(f"plugin:{plugin.name}", "ok")
+        labels = {"plugin": plugin.name}
+        for metric, help_text in (
+            ("calls", "Plugin calls"),
+            ("errors", "Plugin calls that failed"),
+            ("fuel_used", "Fuel plugins consumed"),
+        ):
+            self.metrics.gauge(
+                f"plugin_{metric}_total", help_text, self._plugin_stat(plugin.name, metric), labels
+            )
         return plugin
+
+    def _plugin_stat(self, name: str, stat: str) -> Callable[[], float]:
+        # Read through self.wasm, so a reloaded plugin's counters replace the old one's.
+        return lambda: float(getattr(self.wasm[name], stat))
 
     # Host services for WASM plugins; they run on worker threads. KV lives in the plugin's
     # own namespace, and publishing hops to the event loop, which owns the bus.
@@ -736,6 +754,8 @@ class Runtime:
             self._refuse_reload(e)
             return False
         await self.apply_config(new)
+        # Reload plugins too: calls in flight finish on the version they started with.
+        await anyio.to_thread.run_sync(self._load_wasm_plugins)
         return True
 
     def _refuse_reload(self, err: ConfigError) -> None:

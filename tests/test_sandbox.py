@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -263,6 +264,9 @@ def test_runtime_loads_plugins_with_grants_and_the_plugin_action_calls_them(tmp_
             assert entry is not None and entry.value == 42
             message = alerts.get_nowait()
             assert message is not None and (message.topic, message.payload) == ("alerts/x", 42)
+            snap = rt.metrics.snapshot()
+            assert snap['plugin_call_seconds{export="echo",plugin="abi"}']["count"] == 2  # type: ignore[index]
+            assert snap['plugin_calls_total{plugin="abi"}'] == 5  # the batch of 2 on a plain export
 
     anyio.run(main)
 
@@ -281,3 +285,68 @@ def test_plugin_cli_check_call_and_refusal(tmp_path: Path) -> None:
     tampered = frys("plugin", "check", str(directory))
     assert tampered.returncode == 2
     assert "plugin.wasm: sha256" in tampered.stderr and "refusing to load it" in tampered.stderr
+
+
+BUSY_WAT = """
+(module
+  (memory (export "memory") 1)
+  (data (i32.const 16) "VERSION")
+  (func (export "input_buffer") (param i32) (result i32) (i32.const 1024))
+  ;; version: spins a while, then returns the 7-byte JSON number at 16
+  (func (export "version") (param i32 i32) (result i64)
+    (local $i i32)
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (i32.const 30000000)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))
+    (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 7)))
+)
+"""
+
+
+def test_hot_reload_keeps_calls_in_flight_and_a_bad_version_leaves_the_old_one(
+    tmp_path: Path,
+) -> None:
+    import anyio
+
+    from frys_edge.config import load_config
+    from frys_edge.runtime import Runtime
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    limits = "[limits]\nfuel = 1000000000000\ndeadline_ms = 5000\n"
+
+    def install(version: str) -> Path:
+        shutil.rmtree(plugins / "busy", ignore_errors=True)
+        wat = BUSY_WAT.replace("VERSION", version)
+        return make_plugin(plugins, wat, name="busy", exports=["version"], limits=limits)
+
+    install("1000001")
+    (tmp_path / "frys.toml").write_text(
+        f'[system]\ndata_dir = "{tmp_path / "data"}"\n[plugins]\npaths = ["{plugins}"]\n'
+    )
+
+    async def main() -> None:
+        async with Runtime(load_config(tmp_path / "frys.toml", env={})) as rt:
+            old = rt.wasm["busy"]
+            async with anyio.create_task_group() as tg:
+                results: list[Any] = []
+
+                async def call() -> None:
+                    results.append(await anyio.to_thread.run_sync(old.call, "version", None))
+
+                tg.start_soon(call)
+                await anyio.sleep(0.01)  # the call is running in a worker thread
+                install("2000002")
+                assert await rt.reload_config()
+            assert results == [1000001], "the call in flight finished on the old version"
+            assert rt.wasm["busy"].call("version", None) == 2000002
+            directory = install("3000003")
+            wasm = directory / "plugin.wasm"
+            wasm.write_bytes(wasm.read_bytes() + b"\0")  # breaks the hash
+            assert await rt.reload_config()
+            assert rt.wasm["busy"].call("version", None) == 2000002
+            health = rt.health.components["plugin:busy"]
+            assert health.status == "degraded" and "keeps serving" in health.reason
+
+    anyio.run(main)
