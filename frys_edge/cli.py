@@ -270,6 +270,24 @@ def _plugin_parsers(sub: Any) -> None:
     )
     _config_flags(plist)
     plist.set_defaults(func=cmd_plugin_list)
+    keygen = psub.add_parser(
+        "keygen",
+        help="make an ed25519 signing key",
+        description="Write a new ed25519 private key to FILE (mode 600) and print its public "
+        "key, for [plugins] trusted_keys.\n\nexample:\n  frys plugin keygen ~/.frys/signing.key",
+    )
+    keygen.add_argument("file", metavar="FILE")
+    keygen.set_defaults(func=cmd_plugin_keygen)
+    sign = psub.add_parser(
+        "sign",
+        help="sign a plugin dir's module",
+        description="Sign the module's sha256 with a key from `frys plugin keygen` and write "
+        "the signature into the manifest.\n\nexample:\n"
+        "  frys plugin sign plugins/anomaly --key ~/.frys/signing.key",
+    )
+    sign.add_argument("dir", metavar="DIR")
+    sign.add_argument("--key", required=True, metavar="FILE", help="the private key file")
+    sign.set_defaults(func=cmd_plugin_sign)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -614,6 +632,23 @@ def cmd_workflow_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load_plugin_dir(args: argparse.Namespace, directory: str) -> Any:
+    """Load a plugin dir as the runtime would: its grant and the signature settings."""
+    from pathlib import Path
+
+    from frys_edge.sandbox import load_plugin, read_manifest
+
+    plugins = _load(args).config.plugins
+    manifest = read_manifest(Path(directory))
+    return load_plugin(
+        directory,
+        _grant_for(args, manifest.name),
+        pool_size=1,
+        trusted_keys=plugins.trusted_keys,
+        require_signature=plugins.require_signature,
+    )
+
+
 def _grant_for(args: argparse.Namespace, name: str) -> Any:
     from frys_edge.sandbox import Grant
 
@@ -624,15 +659,13 @@ def _grant_for(args: argparse.Namespace, name: str) -> Any:
 
 
 def cmd_plugin_check(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from frys_edge.sandbox import PluginError, load_plugin, read_manifest
+    from frys_edge.sandbox import PluginError
 
     failed = False
     for directory in args.dirs:
         try:
-            manifest = read_manifest(Path(directory))
-            plugin = load_plugin(directory, _grant_for(args, manifest.name), pool_size=1)
+            plugin = _load_plugin_dir(args, directory)
+            manifest = plugin.manifest
         except PluginError as e:
             print(f"frys: {e}", file=sys.stderr)
             failed = True
@@ -647,17 +680,12 @@ def cmd_plugin_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plugin_call(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from frys_edge.sandbox import load_plugin, read_manifest
-
     try:
         value = json.loads(args.input)
     except ValueError as e:
         print(f"frys: --input is not JSON: {e}", file=sys.stderr)
         return EXIT_USAGE
-    manifest = read_manifest(Path(args.dir))
-    plugin = load_plugin(args.dir, _grant_for(args, manifest.name), pool_size=1)
+    plugin = _load_plugin_dir(args, args.dir)
     print(json.dumps(plugin.call(args.export, value)))
     return EXIT_OK
 
@@ -682,6 +710,63 @@ def cmd_plugin_list(args: argparse.Namespace) -> int:
                 f"{manifest.name} {manifest.version} ({path.parent}): exports {exports}; "
                 f"granted {granted}"
             )
+    return EXIT_OK
+
+
+def cmd_plugin_keygen(args: argparse.Namespace) -> int:
+    import base64
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"frys: {args.file} exists; refusing to overwrite a key", file=sys.stderr)
+        return EXIT_FAILURE
+    with os.fdopen(fd, "w") as f:
+        f.write(base64.b64encode(raw).decode() + "\n")
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    print(base64.b64encode(public).decode())
+    return EXIT_OK
+
+
+def cmd_plugin_sign(args: argparse.Namespace) -> int:
+    import base64
+    import hashlib
+    import re
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from frys_edge.sandbox import MANIFEST, read_manifest
+
+    directory = Path(args.dir)
+    manifest = read_manifest(directory)
+    digest = hashlib.sha256((directory / manifest.module).read_bytes()).hexdigest()
+    if digest != manifest.sha256:
+        print(
+            f"frys: {directory / manifest.module} does not match the manifest's sha256; "
+            "fix the manifest before signing",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    raw = base64.b64decode(Path(args.key).read_text().strip())
+    signature = base64.b64encode(
+        ed25519.Ed25519PrivateKey.from_private_bytes(raw).sign(digest.encode())
+    ).decode()
+    path = directory / MANIFEST
+    text = re.sub(r"(?m)^signature\s*=.*\n", "", path.read_text())
+    text = re.sub(r"(?m)^(sha256\s*=.*\n)", rf'\1signature = "{signature}"\n', text, count=1)
+    path.write_text(text)
+    print(f"signed {directory} ({manifest.name} {manifest.version})")
     return EXIT_OK
 
 

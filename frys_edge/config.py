@@ -121,6 +121,10 @@ class PluginsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     grants: dict[str, PluginGrant] = {}
     # Instances kept per WASM plugin (calls beyond it wait).
     pool_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    # Refuse WASM plugins without a valid ed25519 signature by one of trusted_keys.
+    require_signature: bool = False
+    # base64 ed25519 public keys (from `frys plugin keygen`).
+    trusted_keys: list[str] = []
 
 
 class MemoryConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -354,6 +354,8 @@ class Runtime:
             services=services,
             cache_dir=Path(cfg.system.data_dir) / "plugin-cache",
             pool_size=cfg.plugins.pool_size,
+            trusted_keys=cfg.plugins.trusted_keys,
+            require_signature=cfg.plugins.require_signature,
         )
         self.wasm[plugin.name] = plugin
         self.health.set(f"plugin:{plugin.name}", "ok")

@@ -12,6 +12,7 @@ never reached. The ABI is in plugins/ABI.md. wasmtime is imported only when a pl
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import hashlib
 import json
@@ -78,6 +79,8 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     version: str
     module: str
     sha256: str
+    # base64 ed25519 signature of the sha256 hex text, by a key the operator trusts.
+    signature: str | None = None
     description: str = ""
     kind: Literal["reactor", "command"] = "reactor"
     format: Literal["json"] = "json"
@@ -562,6 +565,47 @@ _TRAP_MESSAGES = {
 }
 
 
+def _ed25519() -> Any:
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError as e:
+        raise PluginError(
+            "plugin signatures need the cryptography package: pip install 'frys-edge[signing]'",
+            "missing",
+        ) from e
+    return ed25519, InvalidSignature
+
+
+def verify_signature(manifest: Manifest, digest: str, trusted_keys: Sequence[str]) -> str:
+    """The trusted key (base64) whose signature the manifest carries, or a PluginError."""
+    ed25519, invalid = _ed25519()
+    if manifest.signature is None:
+        raise PluginError(
+            f"plugin {manifest.name} is not signed and signatures are required; "
+            "sign it with `frys plugin sign`",
+            "signature",
+        )
+    try:
+        signature = base64.b64decode(manifest.signature, validate=True)
+    except ValueError as e:
+        raise PluginError(
+            f"plugin {manifest.name}: signature is not base64: {e}", "signature"
+        ) from e
+    for key in trusted_keys:
+        try:
+            public = ed25519.Ed25519PublicKey.from_public_bytes(base64.b64decode(key))
+            public.verify(signature, digest.encode())
+        except (ValueError, invalid):
+            continue
+        return key
+    raise PluginError(
+        f"plugin {manifest.name}: the signature does not verify with any of the "
+        f"{len(trusted_keys)} trusted keys in [plugins] trusted_keys; refusing to load it",
+        "signature",
+    )
+
+
 def load_plugin(
     directory: str | os.PathLike[str],
     grant: Grant | None = None,
@@ -569,8 +613,14 @@ def load_plugin(
     services: HostServices | None = None,
     cache_dir: Path | None = None,
     pool_size: int = 4,
+    trusted_keys: Sequence[str] = (),
+    require_signature: bool = False,
 ) -> WasmPlugin:
-    """Check and load a plugin directory; the hash is checked before anything compiles."""
+    """Check and load a plugin directory; hash (and signature) are checked before compiling.
+
+    A signature is checked when the config requires one, or when the plugin carries one and
+    trusted keys are configured.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     module_path = directory / manifest.module
@@ -585,6 +635,8 @@ def load_plugin(
             "the module was altered or the manifest is stale: refusing to load it",
             "integrity",
         )
+    if require_signature or (manifest.signature is not None and trusted_keys):
+        verify_signature(manifest, digest, trusted_keys)
     grant = grant or Grant()
     granted = set(manifest.capabilities) & set(grant.capabilities)
     denied = sorted(set(manifest.capabilities) - granted)

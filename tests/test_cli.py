@@ -52,6 +52,8 @@ def test_every_command_has_help_with_an_example() -> None:
         ["plugin", "check"],
         ["plugin", "call"],
         ["plugin", "list"],
+        ["plugin", "keygen"],
+        ["plugin", "sign"],
         ["bench"],
     ):
         result = frys(*args, "--help")

@@ -446,7 +446,7 @@ def test_config_items_list_every_key_in_schema_order() -> None:
     assert items[0] == ("system.data_dir", "./data")
     assert ("network.token", None) in items
     assert items[-1] == ("workflows.max_runs", 10000)
-    assert len(items) == 23
+    assert len(items) == 25
 
 
 def test_display_value_masks_the_token_and_shows_sizes_in_human_units() -> None:

@@ -350,3 +350,28 @@ def test_hot_reload_keeps_calls_in_flight_and_a_bad_version_leaves_the_old_one(
             assert health.status == "degraded" and "keeps serving" in health.reason
 
     anyio.run(main)
+
+
+def test_signed_plugins_verify_and_bad_or_missing_signatures_are_refused(tmp_path: Path) -> None:
+    from conftest import frys
+
+    key = tmp_path / "signing.key"
+    made = frys("plugin", "keygen", str(key))
+    assert made.returncode == 0, made.stderr
+    public = made.stdout.strip()
+    assert frys("plugin", "keygen", str(key)).returncode == 1, "never overwrites a key"
+    directory = make_plugin(tmp_path)
+    with pytest.raises(PluginError, match="not signed and signatures are required"):
+        load_plugin(directory, trusted_keys=[public], require_signature=True)
+    signed = frys("plugin", "sign", str(directory), "--key", str(key))
+    assert signed.returncode == 0, signed.stderr
+    plugin = load_plugin(directory, trusted_keys=[public], require_signature=True)
+    assert plugin.call("echo", 1) == 1
+    other = frys("plugin", "keygen", str(tmp_path / "other.key")).stdout.strip()
+    with pytest.raises(PluginError, match="does not verify with any of the 1 trusted keys") as err:
+        load_plugin(directory, trusted_keys=[other], require_signature=True)
+    assert err.value.kind == "signature"
+    config = tmp_path / "frys.toml"
+    config.write_text(f'[plugins]\nrequire_signature = true\ntrusted_keys = ["{other}"]\n')
+    refused = frys("plugin", "check", "-c", str(config), str(directory))
+    assert refused.returncode == 2 and "does not verify" in refused.stderr
