@@ -517,6 +517,12 @@ class WasmPlugin:
         """A WASI command: a fresh instance runs `_start`, stdin is the input, stdout the output."""
         wt = _wasmtime()
         limits = self.manifest.limits
+        if "wasi" not in self.granted:
+            raise PluginError(
+                f"plugin {self.name} is a WASI command and was not granted the wasi "
+                f"capability; grant it in [plugins.grants.{self.name}] to run it",
+                "capability",
+            )
         self.calls += 1
         with tempfile.TemporaryDirectory(prefix="frys-wasi-") as tmp:
             stdin, stdout = Path(tmp) / "stdin", Path(tmp) / "stdout"
@@ -658,7 +664,8 @@ def load_plugin(
         pool_size,
         hit,
     )
-    plugin.pool.release(plugin.pool.acquire())  # instantiate once now: link errors show here
+    if manifest.kind == "reactor":  # instantiate once now, so link errors show at load
+        plugin.pool.release(plugin.pool.acquire())
     return plugin
 
 

@@ -1,0 +1,118 @@
+"""The hostile plugins in plugins/hostile: each is contained, and the host keeps serving."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from test_sandbox import Services
+
+from frys_edge.sandbox import Grant, PluginError, WasmPlugin, load_plugin
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+HOSTILE = PLUGINS / "hostile"
+
+
+def with_limits(tmp_path: Path, name: str, limits: str) -> Path:
+    """A copy of a hostile plugin whose [limits] are replaced (the module is unchanged)."""
+    copy = tmp_path / name
+    shutil.copytree(HOSTILE / name, copy)
+    manifest = copy / "frys-plugin.toml"
+    text = manifest.read_text()
+    manifest.write_text(text[: text.index("[limits]")] + "[limits]\n" + limits)
+    return copy
+
+
+def assert_host_healthy(plugin: WasmPlugin) -> None:
+    hello = load_plugin(PLUGINS / "hello")
+    assert hello.call("echo", {"still": "serving"}) == {"still": "serving"}
+    assert plugin.pool.stats()["in_use"] == 0, "the failed instance went back to nobody"
+
+
+def contained(plugin: WasmPlugin, export: str, deadline_ms: int) -> PluginError:
+    t0 = time.monotonic()
+    with pytest.raises(PluginError) as err:
+        plugin.call(export, None)
+    assert time.monotonic() - t0 < deadline_ms / 1000 + 0.05, "stopped within deadline + 50 ms"
+    assert_host_healthy(plugin)
+    return err.value
+
+
+def test_an_infinite_loop_runs_out_of_fuel(tmp_path: Path) -> None:
+    plugin = load_plugin(with_limits(tmp_path, "spin", "fuel = 1000000\ndeadline_ms = 200\n"))
+    assert contained(plugin, "run", 200).kind == "fuel"
+
+
+def test_an_infinite_loop_with_fuel_to_spare_hits_its_deadline(tmp_path: Path) -> None:
+    limits = "fuel = 1000000000000\ndeadline_ms = 200\n"
+    plugin = load_plugin(with_limits(tmp_path, "spin", limits))
+    error = contained(plugin, "run", 200)
+    assert error.kind == "deadline" and "deadline" in str(error)
+
+
+def test_a_memory_bomb_stays_inside_its_memory_cap(tmp_path: Path) -> None:
+    limits = "memory_pages = 4\nfuel = 1000000000000\ndeadline_ms = 200\n"
+    plugin = load_plugin(with_limits(tmp_path, "membomb", limits))
+    error = contained(plugin, "run", 200)
+    assert error.kind in ("deadline", "memory", "trap")
+
+
+def test_unbounded_recursion_exhausts_the_stack(tmp_path: Path) -> None:
+    plugin = load_plugin(with_limits(tmp_path, "recurse", "deadline_ms = 200\n"))
+    assert contained(plugin, "run", 200).kind == "stack"
+
+
+def test_huge_outputs_are_refused_before_they_are_read() -> None:
+    plugin = load_plugin(HOSTILE / "hugeout")
+    real = contained(plugin, "run", 100)
+    assert real.kind == "output" and "over its max_output of 65536" in str(real)
+    lying = contained(plugin, "claim", 100)
+    assert lying.kind == "output"
+
+
+def test_an_ungranted_host_function_never_reaches_the_host() -> None:
+    services = Services()
+    plugin = load_plugin(HOSTILE / "sneaky", Grant(capabilities=["kv"]), services=services.host)
+    error = contained(plugin, "run", 50)
+    assert "capability 'kv'" in str(error) and "not granted" in str(error)
+    assert services.kv == {}
+
+
+def test_a_module_that_does_not_match_its_hash_is_never_compiled() -> None:
+    with pytest.raises(PluginError, match="does not match the manifest") as err:
+        load_plugin(HOSTILE / "tampered")
+    assert err.value.kind == "integrity"
+
+
+def test_plugin_check_passes_on_every_shipped_plugin_and_fails_on_an_altered_copy(
+    tmp_path: Path,
+) -> None:
+    from conftest import frys
+
+    shipped = [PLUGINS / "anomaly", PLUGINS / "hello", PLUGINS / "upper"]
+    shipped += [d for d in sorted(HOSTILE.iterdir()) if d.name != "tampered"]
+    result = frys("plugin", "check", *map(str, shipped))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": ok: ") == len(shipped) >= 4
+    copy = tmp_path / "anomaly"
+    shutil.copytree(PLUGINS / "anomaly", copy)
+    wasm = copy / "anomaly.wasm"
+    data = bytearray(wasm.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    wasm.write_bytes(bytes(data))
+    altered = frys("plugin", "check", str(copy))
+    assert altered.returncode == 2 and "does not match the manifest" in altered.stderr
+
+
+def test_the_anomaly_plugin_flags_outliers_singly_and_in_batches() -> None:
+    plugin = load_plugin(PLUGINS / "anomaly", Grant(capabilities=["log"]))
+    out = plugin.call("detect", {"values": [10, 11, 10, 12, 11, 10, 95], "threshold": 2})
+    assert out["anomalies"] == [6]
+    batch = plugin.call_batch("detect_batch", [{"values": [1, 1, 1, 1, 9]}, {"values": [5, 5]}])
+    # z of 9 in [1, 1, 1, 1, 9] is 2.0, under the default threshold 3; [5, 5] has no spread.
+    assert [b["anomalies"] for b in batch] == [[], []]
+    assert batch[0]["mean"] == 2.6 and batch[0]["std"] == 3.2
+    upper = load_plugin(PLUGINS / "upper", Grant(capabilities=["wasi"]))
+    assert upper.call_raw("_start", b'{"a":"b"}') == b'{"A":"B"}'
