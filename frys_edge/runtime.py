@@ -64,6 +64,7 @@ CONFIG_POLL_SECONDS = 1.0
 PYTHON_GC_THRESHOLD = (700, 10, 10)
 GC_THRESHOLD = 7000
 MEMORY_POLL_SECONDS = 5.0
+PLUGIN_POLL_SECONDS = 2.0
 # A run's timeout cancels it; one still active this long after is stuck (a step ignoring it).
 STUCK_GRACE_SECONDS = 5.0
 
@@ -96,6 +97,14 @@ def budget_for(limit: int) -> Budget:
         # A sixteenth of the budget for SQLite's page caches, shared by all connections.
         sqlite_cache_kib=clamp(limit // 16 // 1024, 512, 256 * 1024),
     )
+
+
+def _plugin_stamp(directory: Path) -> tuple[int, ...]:
+    """Modification times of a plugin dir's files: a change means a reload."""
+    try:
+        return tuple(sorted(f.stat().st_mtime_ns for f in directory.iterdir() if f.is_file()))
+    except FileNotFoundError:  # being replaced right now: look again at the next poll
+        return ()
 
 
 def rss_bytes() -> int:
@@ -230,6 +239,7 @@ class Runtime:
         self.metrics = Metrics()
         self.plugins: dict[str, NativePlugin] = {}
         self.wasm: dict[str, WasmPlugin] = {}
+        self._wasm_stamps: dict[Path, tuple[int, ...]] = {}
         self.budget = budget_for(config.config.memory.limit)
         self.scheduler = Scheduler(
             max_pending=self.budget.max_pending_tasks, on_wake=self._wake_soon
@@ -307,6 +317,8 @@ class Runtime:
             self.supervise("triggers", self.engine.run_triggers)
         self.supervise("memory-watch", self._watch_memory)
         self.supervise("workflow-watch", self._watch_runs)
+        if cfg.plugins.paths:
+            self.supervise("plugin-watch", self._watch_plugins)
         if self._watcher is not None:
             self.supervise("config-watch", self._watch_config)
         self.started_at = time.time()
@@ -318,21 +330,26 @@ class Runtime:
         )
 
     def _load_wasm_plugins(self) -> None:
-        """Load every plugin dir under [plugins] paths; a bad one fails its health, not start."""
+        """Load every plugin dir under [plugins] paths (on a worker thread)."""
         for root in self.config.plugins.paths:
             for manifest in sorted(Path(root).glob("*/frys-plugin.toml")):
-                key = f"plugin:{manifest.parent.name}"
-                try:
-                    plugin = self.load_wasm(manifest.parent)
-                except PluginError as e:
-                    # A bad new version leaves the loaded one serving.
-                    serving = manifest.parent.name in self.wasm
-                    status: Literal["degraded", "failed"] = "degraded" if serving else "failed"
-                    suffix = "; the loaded version keeps serving" if serving else ""
-                    self.health.set(key, status, f"{e}{suffix}")
-                    log.error("WASM plugin not loaded: %s%s", e, suffix)
-                    continue
-                log.info("WASM plugin %s %s loaded", plugin.name, plugin.manifest.version)
+                self._try_load_wasm(manifest.parent)
+
+    def _try_load_wasm(self, directory: Path) -> None:
+        """Load or reload one plugin dir; a failure shows in health, never stops the runtime."""
+        # Stamped first: files changed while loading get another look at the next poll.
+        self._wasm_stamps[directory] = _plugin_stamp(directory)
+        try:
+            plugin = self.load_wasm(directory)
+        except PluginError as e:
+            # A bad new version leaves the loaded one serving.
+            serving = directory.name in self.wasm
+            status: Literal["degraded", "failed"] = "degraded" if serving else "failed"
+            suffix = "; the loaded version keeps serving" if serving else ""
+            self.health.set(f"plugin:{directory.name}", status, f"{e}{suffix}")
+            log.error("WASM plugin %s not loaded: %s%s", directory, e, suffix)
+            return
+        log.info("WASM plugin %s %s loaded", plugin.name, plugin.manifest.version)
 
     def load_wasm(self, directory: Path) -> WasmPlugin:
         """Load (or reload) one WASM plugin dir with the operator's grant for its name."""
@@ -340,6 +357,10 @@ class Runtime:
 
         cfg = self.config
         name = read_manifest(directory).name
+        if name != directory.name:
+            raise PluginError(
+                f"{directory}: holds plugin {name!r}; a plugin dir is named after its plugin"
+            )
         granted = cfg.plugins.grants.get(name)
         grant = Grant(
             capabilities=list(granted.capabilities) if granted else [],
@@ -699,6 +720,16 @@ class Runtime:
                 continue
             self.health.set(name, "stopped", "finished")
             return
+
+    async def _watch_plugins(self) -> None:
+        """Reload a WASM plugin when its manifest or module changes on disk (mtime polling)."""
+        while True:
+            await anyio.sleep(PLUGIN_POLL_SECONDS)
+            for root in self.config.plugins.paths:
+                for manifest in Path(root).glob("*/frys-plugin.toml"):
+                    directory = manifest.parent
+                    if self._wasm_stamps.get(directory) != _plugin_stamp(directory):
+                        await anyio.to_thread.run_sync(self._try_load_wasm, directory)
 
     async def _watch_runs(self) -> None:
         """Report health "workflow-runs" degraded while runs are stuck past their timeout."""

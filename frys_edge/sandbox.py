@@ -84,6 +84,9 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     description: str = ""
     kind: Literal["reactor", "command"] = "reactor"
     format: Literal["json"] = "json"
+    # "call": a fresh instance for every call, so nothing a call leaves behind is seen by the
+    # next (costs an instantiation per call); "instance": instances are reused.
+    isolation: Literal["instance", "call"] = "instance"
     capabilities: list[str] = []
     exports: list[ExportSpec] = []
     limits: Limits = Limits()
@@ -560,6 +563,8 @@ def _reset(inst: _Instance) -> None:
     # A failed call may leave the instance in any state: never reuse it.
     if inst.broken:
         raise PluginError("instance discarded after a failed call")
+    if inst.plugin.manifest.isolation == "call":
+        raise PluginError("instance discarded: the plugin asks for a fresh one per call")
     inst.failure = None
 
 

@@ -375,3 +375,49 @@ def test_signed_plugins_verify_and_bad_or_missing_signatures_are_refused(tmp_pat
     config.write_text(f'[plugins]\nrequire_signature = true\ntrusted_keys = ["{other}"]\n')
     refused = frys("plugin", "check", "-c", str(config), str(directory))
     assert refused.returncode == 2 and "does not verify" in refused.stderr
+
+
+def test_a_changed_plugin_dir_is_reloaded_while_running(tmp_path: Path) -> None:
+    import anyio
+
+    from frys_edge.config import load_config
+    from frys_edge.runtime import Runtime
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    make_plugin(plugins, name="abi")
+    overrides = {"system.data_dir": str(tmp_path / "data"), "plugins.paths": [str(plugins)]}
+
+    async def main() -> None:
+        async with Runtime(load_config(env={}, overrides=overrides)) as rt:
+            first = rt.wasm["abi"]
+            shutil.rmtree(plugins / "abi")
+            make_plugin(plugins, name="abi", exports=["echo", "spin"])
+            with anyio.fail_after(10):
+                while rt.wasm["abi"] is first:
+                    await anyio.sleep(0.1)
+            assert set(rt.wasm["abi"].exports) == {"echo", "spin"}
+
+    anyio.run(main)
+
+
+def test_call_isolation_gives_every_call_a_fresh_instance(tmp_path: Path) -> None:
+    counter = """
+    (module
+      (memory (export "memory") 1)
+      (global $n (mut i32) (i32.const 48))
+      (func (export "input_buffer") (param i32) (result i32) (i32.const 1024))
+      ;; count: returns one ASCII digit, one more on each call into the same instance
+      (func (export "count") (param i32 i32) (result i64)
+        (global.set $n (i32.add (global.get $n) (i32.const 1)))
+        (i32.store8 (i32.const 16) (global.get $n))
+        (i64.or (i64.shl (i64.const 16) (i64.const 32)) (i64.const 1)))
+    )
+    """
+    shared = load_plugin(make_plugin(tmp_path, counter, name="shared", exports=["count"]))
+    assert [shared.call("count", None) for _ in range(3)] == [1, 2, 3]
+    directory = make_plugin(tmp_path, counter, name="isolated", exports=["count"])
+    manifest = directory / "frys-plugin.toml"
+    manifest.write_text('isolation = "call"\n' + manifest.read_text())
+    isolated = load_plugin(directory)
+    assert [isolated.call("count", None) for _ in range(3)] == [1, 1, 1]
