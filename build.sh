@@ -102,6 +102,8 @@ build_plugins() {
 
     build_c_command plugins/upper/upper.c plugins/upper/upper.wasm
     set_sha256 plugins/upper/frys-plugin.toml plugins/upper/upper.wasm
+    build_c_command plugins/readfile/readfile.c plugins/readfile/readfile.wasm
+    set_sha256 plugins/readfile/frys-plugin.toml plugins/readfile/readfile.wasm
 
     local name dir
     for name in spin membomb recurse hugeout sneaky; do

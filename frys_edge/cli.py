@@ -650,12 +650,12 @@ def _load_plugin_dir(args: argparse.Namespace, directory: str) -> Any:
 
 
 def _grant_for(args: argparse.Namespace, name: str) -> Any:
+    import msgspec
+
     from frys_edge.sandbox import Grant
 
     granted = _load(args).config.plugins.grants.get(name)
-    if granted is None:
-        return Grant()
-    return Grant(capabilities=list(granted.capabilities), topics=list(granted.topics))
+    return Grant() if granted is None else msgspec.convert(granted, Grant, from_attributes=True)
 
 
 def cmd_plugin_check(args: argparse.Namespace) -> int:

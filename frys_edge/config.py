@@ -108,6 +108,9 @@ class PluginGrant(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     capabilities: list[Literal["log", "kv", "emit", "clock", "random", "wasi"]] = []
     # Topic patterns the plugin may emit on (with the emit capability).
     topics: list[str] = []
+    # With wasi: directories "HOST:GUEST" (read-only) or "HOST:GUEST:rw", and env variables.
+    dirs: list[str] = []
+    env: dict[str, str] = {}
 
 
 class PluginsConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

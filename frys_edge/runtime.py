@@ -362,9 +362,8 @@ class Runtime:
                 f"{directory}: holds plugin {name!r}; a plugin dir is named after its plugin"
             )
         granted = cfg.plugins.grants.get(name)
-        grant = Grant(
-            capabilities=list(granted.capabilities) if granted else [],
-            topics=list(granted.topics) if granted else [],
+        grant = (
+            Grant() if granted is None else msgspec.convert(granted, Grant, from_attributes=True)
         )
         services = HostServices(
             kv_get=self._plugin_kv_get, kv_put=self._plugin_kv_put, publish=self._plugin_publish

@@ -93,10 +93,13 @@ class Manifest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class Grant(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    """What the operator allows one plugin: capabilities and, for emit, topic patterns."""
+    """What the operator allows one plugin: capabilities, emit topics, and WASI resources."""
 
     capabilities: list[str] = []
     topics: list[str] = []
+    # With wasi: directories "HOST:GUEST" (read-only) or "HOST:GUEST:rw", and env variables.
+    dirs: list[str] = []
+    env: dict[str, str] = {}
 
 
 class HostServices:
@@ -293,7 +296,7 @@ class WasmPlugin:
         manifest: Manifest,
         module: Any,
         granted: set[str],
-        topics: Sequence[str],
+        grant: Grant,
         services: HostServices,
         pool_size: int,
         cache_hit: bool,
@@ -303,7 +306,8 @@ class WasmPlugin:
         self.name = manifest.name
         self.module = module
         self.granted = granted
-        self.topics = list(topics)
+        self.grant = grant
+        self.topics = list(grant.topics)
         self.services = services
         self.cache_hit = cache_hit
         self.calls = 0
@@ -531,9 +535,13 @@ class WasmPlugin:
             stdin, stdout = Path(tmp) / "stdin", Path(tmp) / "stdout"
             stdin.write_bytes(data)
             wasi = wt.WasiConfig()
-            # No preopened dirs, no environment, no arguments, no sockets.
+            # No sockets and no arguments ever; dirs and env only as the operator granted.
             wasi.stdin_file = str(stdin)
             wasi.stdout_file = str(stdout)
+            wasi.env = list(self.grant.env.items())
+            for entry in self.grant.dirs:
+                host, guest, *mode = entry.split(":")
+                wasi.preopen_dir(host, guest, fs_mutable=mode == ["rw"])
             inst = _Instance(self, wasi)
             try:
                 inst.exports["_start"](inst.store)
@@ -649,6 +657,15 @@ def load_plugin(
     if require_signature or (manifest.signature is not None and trusted_keys):
         verify_signature(manifest, digest, trusted_keys)
     grant = grant or Grant()
+    for entry in grant.dirs:
+        parts = entry.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise PluginError(
+                f"plugin {manifest.name}: granted dir {entry!r} must be HOST:GUEST or "
+                "HOST:GUEST:ro|rw"
+            )
+        if not Path(parts[0]).is_dir():
+            raise PluginError(f"plugin {manifest.name}: granted dir {parts[0]} does not exist")
     granted = set(manifest.capabilities) & set(grant.capabilities)
     denied = sorted(set(manifest.capabilities) - granted)
     if denied:
@@ -664,7 +681,7 @@ def load_plugin(
         manifest,
         module,
         granted,
-        grant.topics,
+        grant,
         services or HostServices(),
         pool_size,
         hit,

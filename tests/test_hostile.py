@@ -91,7 +91,7 @@ def test_plugin_check_passes_on_every_shipped_plugin_and_fails_on_an_altered_cop
 ) -> None:
     from conftest import frys
 
-    shipped = [PLUGINS / "anomaly", PLUGINS / "hello", PLUGINS / "upper"]
+    shipped = [PLUGINS / name for name in ("anomaly", "hello", "upper", "readfile")]
     shipped += [d for d in sorted(HOSTILE.iterdir()) if d.name != "tampered"]
     result = frys("plugin", "check", *map(str, shipped))
     assert result.returncode == 0, result.stderr
@@ -116,3 +116,22 @@ def test_the_anomaly_plugin_flags_outliers_singly_and_in_batches() -> None:
     assert batch[0]["mean"] == 2.6 and batch[0]["std"] == 3.2
     upper = load_plugin(PLUGINS / "upper", Grant(capabilities=["wasi"]))
     assert upper.call_raw("_start", b'{"a":"b"}') == b'{"A":"B"}'
+
+
+def test_wasi_sees_only_the_directories_and_env_the_operator_granted(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("pump 3 serviced")
+    (tmp_path / "secret.txt").write_text("do not read")
+    granted = Grant(capabilities=["wasi"], dirs=[f"{shared}:/data"])
+    plugin = load_plugin(PLUGINS / "readfile", granted)
+    assert plugin.call("_start", "/data/notes.txt") == "pump 3 serviced"
+    with pytest.raises(PluginError, match="exited with status 1"):
+        plugin.call("_start", str(tmp_path / "secret.txt"))
+    blind = load_plugin(PLUGINS / "readfile", Grant(capabilities=["wasi"]))
+    with pytest.raises(PluginError, match="exited with status 1"):
+        blind.call("_start", "/data/notes.txt")
+    with pytest.raises(PluginError, match="was not granted the wasi capability"):
+        load_plugin(PLUGINS / "readfile").call("_start", "/data/notes.txt")
+    with pytest.raises(PluginError, match="must be HOST:GUEST"):
+        load_plugin(PLUGINS / "readfile", Grant(capabilities=["wasi"], dirs=[f"{shared}"]))

@@ -162,7 +162,7 @@ def assert_same_detection(got: dict[str, Any], want: dict[str, Any]) -> None:
 def test_every_plugin_named_in_the_brief_ships_a_manifest() -> None:
     shipped = {manifest_id(m) for m in MANIFESTS}
     hostile = {"spin", "membomb", "recurse", "hugeout", "sneaky", "tampered"}
-    assert shipped == {"anomaly", "hello", "upper"} | {f"hostile/{h}" for h in hostile}
+    assert shipped == {"anomaly", "hello", "upper", "readfile"} | {f"hostile/{h}" for h in hostile}
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=manifest_id)
