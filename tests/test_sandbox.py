@@ -21,6 +21,8 @@ ABI_WAT = """
   (import "frys" "kv_put" (func $kv_put (param i32 i32 i32 i32) (result i32)))
   (import "frys" "emit" (func $emit (param i32 i32 i32 i32) (result i32)))
   (import "frys" "clock_ms" (func $clock (result i64)))
+  (import "frys" "log" (func $log (param i32 i32 i32)))
+  (import "frys" "random_u64" (func $random (result i64)))
   (memory (export "memory") 2)
   (data (i32.const 16) "k1")
   (data (i32.const 32) "42")
@@ -45,13 +47,17 @@ ABI_WAT = """
     (i64.const 0))
   (func (export "now") (param i32 i32) (result i64)
     (drop (call $clock)) (i64.const 0))
+  (func (export "say") (param i32 i32) (result i64)
+    (call $log (i32.const 1) (i32.const 64) (i32.const 9)) (i64.const 0))
+  (func (export "dice") (param i32 i32) (result i64)
+    (drop (call $random)) (i64.const 0))
   (func (export "refuse") (param i32 i32) (result i64)
     (call $fail (i32.const 64) (i32.const 9)) (i64.const 0))
   (func (export "spin") (param i32 i32) (result i64)
     (loop $l (br $l)) (i64.const 0))
 )
 """
-EXPORTS = ["echo", "store", "shout", "now", "refuse", "spin"]
+EXPORTS = ["echo", "store", "shout", "now", "say", "dice", "refuse", "spin"]
 
 
 def make_plugin(
@@ -421,3 +427,20 @@ def test_call_isolation_gives_every_call_a_fresh_instance(tmp_path: Path) -> Non
     manifest.write_text('isolation = "call"\n' + manifest.read_text())
     isolated = load_plugin(directory)
     assert [isolated.call("count", None) for _ in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("capability", "export"), [("log", "say"), ("clock", "now"), ("random", "dice")]
+)
+def test_each_simple_capability_works_only_when_granted(
+    tmp_path: Path, capability: str, export: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = make_plugin(tmp_path, capabilities=[capability])
+    granted = load_plugin(directory, Grant(capabilities=[capability]))
+    with caplog.at_level("INFO", logger="frys.plugins"):
+        assert granted.call(export, None) is None
+    if capability == "log":
+        assert "plugin abi: bad input" in caplog.text
+    refused = load_plugin(directory, Grant())
+    with pytest.raises(PluginError, match=f"capability '{capability}'"):
+        refused.call(export, None)
