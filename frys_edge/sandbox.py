@@ -143,14 +143,14 @@ def read_manifest(directory: Path) -> Manifest:
     if manifest.kind == "reactor" and not manifest.exports:
         problems.append("a reactor plugin lists at least one [[exports]]")
     lim = manifest.limits
-    for field, value, cap in (
-        ("memory_pages", lim.memory_pages, MAX_PAGES),
-        ("fuel", lim.fuel, MAX_FUEL),
-        ("deadline_ms", lim.deadline_ms, MAX_DEADLINE_MS),
-        ("max_output", lim.max_output, MAX_OUTPUT),
+    for field, value, low, cap in (
+        ("memory_pages", lim.memory_pages, 1, MAX_PAGES),
+        ("fuel", lim.fuel, 0, MAX_FUEL),
+        ("deadline_ms", lim.deadline_ms, 1, MAX_DEADLINE_MS),
+        ("max_output", lim.max_output, 1, MAX_OUTPUT),
     ):
-        if not 1 <= value <= cap:
-            problems.append(f"limits.{field} = {value} is outside 1..{cap}")
+        if not low <= value <= cap:
+            problems.append(f"limits.{field} = {value} is outside {low}..{cap}")
     if problems:
         raise PluginError(f"{path}: " + "; ".join(problems))
     return manifest
@@ -181,29 +181,33 @@ class _Ticker:
 
 
 _engine_lock = threading.Lock()
-_engine: Any = None
+_engines: dict[bool, Any] = {}
 
 
-def shared_engine() -> Any:
-    """One wasmtime Engine for the process: fuel and epochs on, stack capped."""
-    global _engine
+def shared_engine(fuel: bool = True) -> Any:
+    """The process's wasmtime Engine with or without fuel metering; epochs on, stack capped.
+
+    Fuel costs compute-bound code ~1.4x (wasmtime counts every basic block); a plugin whose
+    manifest sets limits.fuel = 0 runs on the engine without it, bounded by its deadline.
+    """
     with _engine_lock:
-        if _engine is None:
+        engine = _engines.get(fuel)
+        if engine is None:
             wt = _wasmtime()
             config = wt.Config()
-            config.consume_fuel = True
+            config.consume_fuel = fuel
             config.epoch_interruption = True
             config.max_wasm_stack = STACK_BYTES
             config.cranelift_opt_level = "speed"
-            _engine = wt.Engine(config)
-            _Ticker(_engine)
-        return _engine
+            engine = _engines[fuel] = wt.Engine(config)
+            _Ticker(engine)
+        return engine
 
 
-def _cache_key(digest: str) -> str:
+def _cache_key(digest: str, fuel: bool) -> str:
     wt = _wasmtime()
     version = getattr(wt, "__version__", None) or _installed_version()
-    settings = f"fuel,epoch,stack={STACK_BYTES},speed"
+    settings = f"fuel={fuel},epoch,stack={STACK_BYTES},speed"
     return hashlib.sha256(f"{digest}|{version}|{settings}".encode()).hexdigest()[:32]
 
 
@@ -213,13 +217,15 @@ def _installed_version() -> str:
     return version("wasmtime")
 
 
-def compile_module(data: bytes, digest: str, cache_dir: Path | None) -> tuple[Any, bool]:
+def compile_module(
+    data: bytes, digest: str, cache_dir: Path | None, fuel: bool = True
+) -> tuple[Any, bool]:
     """The compiled module, from the AOT cache when a sound entry exists; (module, hit)."""
     wt = _wasmtime()
-    engine = shared_engine()
+    engine = shared_engine(fuel)
     if cache_dir is None:
         return wt.Module(engine, data), False
-    key = _cache_key(digest)
+    key = _cache_key(digest, fuel)
     blob, check = cache_dir / f"{key}.cwasm", cache_dir / f"{key}.sha256"
     try:
         cached = blob.read_bytes()
@@ -247,7 +253,7 @@ class _Instance:
     def __init__(self, plugin: WasmPlugin, wasi: Any = None) -> None:
         wt = _wasmtime()
         self.plugin = plugin
-        self.store = wt.Store(shared_engine())
+        self.store = wt.Store(shared_engine(plugin.metered))
         if wasi is not None:
             self.store.set_wasi(wasi)
         limits = plugin.manifest.limits
@@ -258,7 +264,8 @@ class _Instance:
         self.input_cap = 0
         linker = plugin.linker(self)
         try:
-            self.store.set_fuel(limits.fuel)
+            if plugin.metered:
+                self.store.set_fuel(limits.fuel)
             self.store.set_epoch_deadline(_ticks(limits.deadline_ms))
             self.instance = linker.instantiate(self.store, plugin.module)
         except (wt.WasmtimeError, wt.Trap) as e:
@@ -304,6 +311,7 @@ class WasmPlugin:
         self.directory = directory
         self.manifest = manifest
         self.name = manifest.name
+        self.metered = manifest.limits.fuel > 0
         self.module = module
         self.granted = granted
         self.grant = grant
@@ -322,7 +330,7 @@ class WasmPlugin:
 
     def linker(self, inst: _Instance) -> Any:
         wt = _wasmtime()
-        linker = wt.Linker(shared_engine())
+        linker = wt.Linker(shared_engine(self.metered))
         i32, i64 = wt.ValType.i32(), wt.ValType.i64()
         name = self.name
 
@@ -461,7 +469,8 @@ class WasmPlugin:
             raise PluginError(f"plugin {self.name}: {e}", "busy") from e
         self.calls += 1
         try:
-            inst.store.set_fuel(limits.fuel)
+            if self.metered:
+                inst.store.set_fuel(limits.fuel)
             inst.store.set_epoch_deadline(_ticks(limits.deadline_ms))
             out = self._invoke(inst, export, data)
         except PluginError:
@@ -469,7 +478,8 @@ class WasmPlugin:
             self.errors += 1
             raise
         finally:
-            self.fuel_used += limits.fuel - inst.store.get_fuel()
+            if self.metered:
+                self.fuel_used += limits.fuel - inst.store.get_fuel()
             self.pool.release(inst)
         return out
 
@@ -555,7 +565,8 @@ class WasmPlugin:
                 message = _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
                 raise PluginError(f"plugin {self.name}: {message}", kind) from e
             finally:
-                self.fuel_used += limits.fuel - inst.store.get_fuel()
+                if self.metered:
+                    self.fuel_used += limits.fuel - inst.store.get_fuel()
             size = stdout.stat().st_size
             if size > limits.max_output:
                 self.errors += 1
@@ -672,7 +683,7 @@ def load_plugin(
         log.info("plugin %s: capabilities asked for but not granted: %s", manifest.name, denied)
     wt = _wasmtime()
     try:
-        module, hit = compile_module(data, digest, cache_dir)
+        module, hit = compile_module(data, digest, cache_dir, manifest.limits.fuel > 0)
     except wt.WasmtimeError as e:
         raise PluginError(f"{module_path}: not a valid WebAssembly module: {e}", "invalid") from e
     _check_imports(manifest, module, module_path)

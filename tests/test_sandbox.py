@@ -444,3 +444,14 @@ def test_each_simple_capability_works_only_when_granted(
     refused = load_plugin(directory, Grant())
     with pytest.raises(PluginError, match=f"capability '{capability}'"):
         refused.call(export, None)
+
+
+def test_fuel_zero_runs_unmetered_and_the_deadline_still_stops_a_loop(tmp_path: Path) -> None:
+    directory = make_plugin(tmp_path, limits="[limits]\nfuel = 0\ndeadline_ms = 100\n")
+    plugin = load_plugin(directory, cache_dir=tmp_path / "cache")
+    assert not plugin.metered and plugin.call("echo", [1]) == [1]
+    with pytest.raises(PluginError) as err:
+        plugin.call("spin", None)
+    assert err.value.kind == "deadline" and plugin.fuel_used == 0
+    metered = load_plugin(make_plugin(tmp_path, name="metered"), cache_dir=tmp_path / "cache")
+    assert metered.metered and not metered.cache_hit, "cache entries are kept per fuel setting"
