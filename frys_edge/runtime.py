@@ -313,8 +313,7 @@ class Runtime:
         if self.engine.unresumable:
             count = len(self.engine.unresumable)
             self.health.set("workflows", "degraded", f"{count} runs cannot resume; see the log")
-        if any(w.spec.triggers for w in self.engine.workflows.values()):
-            self.supervise("triggers", self.engine.run_triggers)
+        self._start_triggers()
         self.supervise("memory-watch", self._watch_memory)
         self.supervise("workflow-watch", self._watch_runs)
         if cfg.plugins.paths:
@@ -409,6 +408,14 @@ class Runtime:
 
     def _plugin_publish(self, topic: str, payload: Any) -> None:
         anyio.from_thread.run_sync(self.bus.publish, topic, payload)
+
+    def _start_triggers(self) -> None:
+        """(Re)start the triggers of the loaded workflows as one supervised component."""
+        for task in self._components:
+            if task.get_name() == "triggers":
+                task.cancel()
+        if any(w.spec.triggers for w in self.engine.workflows.values()):
+            self.supervise("triggers", self.engine.run_triggers)
 
     def _load_workflows(self, directory: Path) -> None:
         """Load every definition in the workflows dir; a bad file degrades health, not start."""
@@ -786,8 +793,10 @@ class Runtime:
             self._refuse_reload(e)
             return False
         await self.apply_config(new)
-        # Reload plugins too: calls in flight finish on the version they started with.
+        # Reload plugins and definitions too: work in flight finishes on what it started with.
         await anyio.to_thread.run_sync(self._load_wasm_plugins)
+        self._load_workflows(Path(self.config.workflows.dir))
+        self._start_triggers()
         return True
 
     def _refuse_reload(self, err: ConfigError) -> None:

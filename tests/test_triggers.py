@@ -112,3 +112,25 @@ def test_a_bad_cron_expression_fails_validation() -> None:
 
     with pytest.raises(DefinitionError, match="bad cron expression '61 \\* \\* \\* \\*'"):
         parse_workflow(tick({"type": "cron", "cron": "61 * * * *"}), BUILTIN_ACTIONS)
+
+
+def test_sighup_reload_picks_up_new_definitions_and_their_triggers(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "frys.toml"
+        workflows = tmp_path / "workflows"
+        workflows.mkdir()
+        path.write_text(
+            f'[system]\ndata_dir = "{tmp_path / "data"}"\n[workflows]\ndir = "{workflows}"\n'
+        )
+        async with Runtime(load_config(path, env={})) as rt:
+            assert rt.engine.workflows == {}
+            spec = tick({"type": "interval", "every": 0.1}, "late")
+            (workflows / "late.json").write_text(json.dumps(spec))
+            assert await rt.reload_config()
+            assert "late" in rt.engine.workflows
+            assert rt.storage is not None
+            with anyio.fail_after(3):
+                while not rt.storage.list_runs(workflow="late"):
+                    await anyio.sleep(0.05)
+
+    anyio.run(main)
