@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from frys_edge.core import topic_matches
+from frys_edge.core import EventBus, topic_matches
 from frys_edge.sandbox import PluginError
 from frys_edge.storage import RunRecord, StepRecord
 from frys_edge.workflow import WorkflowError
@@ -132,6 +132,48 @@ async def _events_read(ctx: ActionContext, params: dict[str, Any]) -> Any:
     }
 
 
+class EventWaits:
+    """Runs waiting for events share one bus subscription per topic pattern.
+
+    A publish then costs one match per distinct pattern, not one per waiting run.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        self.bus = bus
+        self._patterns: dict[str, tuple[Any, dict[asyncio.Future[Any], dict[str, Any]]]] = {}
+
+    def add(self, pattern: str, match: dict[str, Any]) -> asyncio.Future[Any]:
+        """A future set with the first event on `pattern` whose payload has `match`'s fields."""
+        entry = self._patterns.get(pattern)
+        if entry is None:
+            waiters: dict[asyncio.Future[Any], dict[str, Any]] = {}
+            sub = self.bus.subscribe(
+                pattern,
+                handler=lambda message: self._deliver(waiters, message),
+                name=f"wait_event {pattern}",
+            )
+            entry = self._patterns[pattern] = (sub, waiters)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        entry[1][future] = match
+        return future
+
+    def remove(self, pattern: str, future: asyncio.Future[Any]) -> None:
+        """Forget a waiter; the pattern's subscription goes with its last waiter."""
+        entry = self._patterns.get(pattern)
+        if entry is None:
+            return
+        entry[1].pop(future, None)
+        if not entry[1]:
+            self.bus.unsubscribe(entry[0])
+            del self._patterns[pattern]
+
+    @staticmethod
+    def _deliver(waiters: dict[asyncio.Future[Any], dict[str, Any]], message: Any) -> None:
+        for future, match in waiters.items():
+            if not future.done() and _matches(match, message.payload):
+                future.set_result({"topic": message.topic, "payload": message.payload, "seq": None})
+
+
 def _matches(match: dict[str, Any], payload: Any) -> bool:
     if not match:
         return True
@@ -154,14 +196,9 @@ async def _wait_event(ctx: ActionContext, params: dict[str, Any]) -> Any:
     deadline, since = await ctx.suspend(
         None if timeout is None else float(timeout), storage.last_seq()
     )
-    found: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    def on_message(message: Any) -> None:
-        if not found.done() and _matches(match, message.payload):
-            found.set_result({"topic": message.topic, "payload": message.payload, "seq": None})
-
-    # Subscribed before reading the log, so nothing published in between is missed.
-    sub = ctx.rt.bus.subscribe(pattern, handler=on_message, name=f"wait {ctx.run_id}")
+    # Registered before reading the log, so nothing published in between is missed.
+    waits = ctx.engine.event_waits
+    found = waits.add(pattern, match)
     try:
         after = int(since or 0)
         while True:
@@ -176,7 +213,7 @@ async def _wait_event(ctx: ActionContext, params: dict[str, Any]) -> Any:
         with anyio.fail_after(left):
             return await found
     finally:
-        ctx.rt.bus.unsubscribe(sub)
+        waits.remove(pattern, found)
 
 
 def _http_call(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from cronsim import CronSim
 
-from frys_edge.actions import BUILTIN_ACTIONS, Action, ActionContext
+from frys_edge.actions import BUILTIN_ACTIONS, Action, ActionContext, EventWaits
 from frys_edge.core import FrysError, RetryPolicy
 from frys_edge.expr import evaluate_condition, render_value
 from frys_edge.storage import RunRecord, StepRecord, Storage
@@ -89,6 +89,7 @@ class Engine:
         # Runs whose stored definition no longer validates (an action went missing).
         self.unresumable: dict[str, str] = {}
         self._stopping = False
+        self.event_waits = EventWaits(rt.bus)
         self._deadlines: dict[str, float] = {}
         self._limits: dict[str, asyncio.Semaphore] = {}
         rt.metrics.gauge("workflow_runs_active", "Runs in flight", lambda: float(len(self._active)))

@@ -514,3 +514,34 @@ def test_a_scheduled_retry_fires_at_its_time_after_a_restart(tmp_path: Path) -> 
             assert calls[1] - calls[0] >= 1.5
 
     anyio.run(main)
+
+
+def test_many_waiting_runs_share_one_subscription_per_pattern(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with make_runtime(tmp_path) as rt:
+            wait = {
+                "name": "w",
+                "action": "wait_event",
+                "params": {"topic": "door/#", "match": {"door": "${{ inputs.door }}"}},
+            }
+            define(rt, {"name": "w", "inputs": {"door": {"type": "integer"}}, "steps": [wait]})
+            base = rt.bus.stats()["subscriptions"]
+            ids = [await rt.engine.start("w", {"door": i % 5}) for i in range(200)]
+            with anyio.fail_after(5):
+                while rt.bus.stats()["subscriptions"] == base:
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.2)
+            assert rt.bus.stats()["subscriptions"] == base + 1
+            await rt.publish("door/open", {"door": 3})
+            assert rt.storage is not None
+            with anyio.fail_after(5):
+                while len(rt.storage.list_runs(status="succeeded", limit=1000)) < 40:
+                    await anyio.sleep(0.02)
+            done = {r.id for r in rt.storage.list_runs(status="succeeded", limit=1000)}
+            assert done == {run_id for i, run_id in enumerate(ids) if i % 5 == 3}
+            for run_id in ids:
+                if run_id not in done:
+                    await rt.engine.cancel(run_id)
+            assert rt.bus.stats()["subscriptions"] == base
+
+    anyio.run(main)
