@@ -885,8 +885,16 @@ class Runtime:
         log.info("plugin %s unloaded", name)
 
 
-async def serve(rt: Runtime, ready: Callable[[], None] | None = None) -> int:
-    """Run until SIGTERM or SIGINT (SIGHUP reloads config); returns the exit code."""
+async def serve(
+    rt: Runtime,
+    ready: Callable[[], None] | None = None,
+    before_stop: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT (SIGHUP reloads config); returns the exit code.
+
+    `before_stop` runs first on shutdown, while the runtime still serves (an HTTP server
+    drains its requests there).
+    """
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     watcher: asyncio.Task[None] | None = None
     with anyio.open_signal_receiver(*signals) as received:
@@ -900,6 +908,8 @@ async def serve(rt: Runtime, ready: Callable[[], None] | None = None) -> int:
                         continue
                     log.info("received %s, draining (a second signal exits at once)", sig.name)
                     watcher = asyncio.create_task(_exit_on_second_signal(received))
+                    if before_stop is not None:
+                        await before_stop()
                     break
         finally:
             if watcher is not None:

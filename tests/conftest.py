@@ -18,8 +18,12 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without FRYS_* variables, plus extra."""
+    """The test process's environment without FRYS_* variables, plus extra.
+
+    HTTP ports are 0 (any free port), so a `frys run` under test never collides.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRYS_")}
+    env.update(FRYS_NETWORK_PORT="0", FRYS_NETWORK_HEALTH_PORT="0")
     env.update(extra)
     return env
 
