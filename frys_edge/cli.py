@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _workflow_parsers(sub)
     _plugin_parsers(sub)
+    _vector_parsers(sub)
 
     bench = sub.add_parser(
         "bench",
@@ -320,21 +321,39 @@ def _open_storage(args: argparse.Namespace, readonly: bool) -> Storage:
 def cmd_run(args: argparse.Namespace) -> int:
     import anyio
 
+    from frys_edge.api import ApiError, ApiServer, check_bind_security
     from frys_edge.runtime import Runtime, configure_logging, serve
 
     loaded = _load(args)
     configure_logging(loaded.config.system.log_level, loaded.config.system.log_format)
+    try:
+        check_bind_security(loaded.config)
+    except ApiError as e:
+        print(f"frys: {e}", file=sys.stderr)
+        return EXIT_USAGE
     rt = Runtime(loaded, overrides=_overrides(args))
+    server = ApiServer(rt)
 
-    def ready() -> None:
-        print(
-            f"frys {__version__} running, data dir {loaded.config.system.data_dir}; "
-            "stop with Ctrl-C or SIGTERM",
-            file=sys.stderr,
-            flush=True,
-        )
+    async def main() -> int:
+        # Bound before the runtime starts, so a port in use fails fast and cleanly.
+        ports = await server.bind()
+        async with anyio.create_task_group() as tg:
 
-    return anyio.run(serve, rt, ready)
+            def ready() -> None:
+                tg.start_soon(server.serve)
+                host = loaded.config.network.host
+                print(
+                    f"frys {__version__} running, data dir {loaded.config.system.data_dir}, "
+                    f"API http://{host}:{ports['api']}, health http://{host}:{ports['health']};"
+                    " stop with Ctrl-C or SIGTERM",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            code = await serve(rt, ready, before_stop=server.stop)
+        return code
+
+    return anyio.run(main)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -782,6 +801,220 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from frys_edge.bench import run_benchmarks
 
     return run_benchmarks(json_path=args.json, quick=args.quick)
+
+
+def _vector_parsers(sub: Any) -> None:
+    vector = sub.add_parser("vector", help="create, fill and search vector collections")
+    vsub = vector.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = vsub.add_parser(
+        "create",
+        help="create an empty vector collection",
+        description="Create a collection of vectors of dimension D. Metric: cosine "
+        "(default), dot or l2. Dtype: float32 (default) or int8 (4x less memory, "
+        "quantised with a scale per vector).\n\nexample:\n"
+        "  frys vector create default --dim 256 --metric cosine",
+    )
+    _config_flags(create)
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--dim", type=int, required=True, metavar="D", help="vector dimension")
+    create.add_argument("--metric", choices=["cosine", "dot", "l2"], default="cosine")
+    create.add_argument("--dtype", choices=["float32", "int8"], default="float32")
+    create.set_defaults(func=cmd_vector_create)
+
+    add = vsub.add_parser(
+        "add",
+        help="add or replace items from a JSON lines file",
+        description="Add items from FILE (- for stdin), one JSON object a line: "
+        '{"id": ..., "vector": [...]} or {"id": ..., "text": "..."}, with optional '
+        '"metadata": {...}. Text is embedded lexically (hashed words and 3-grams). Every '
+        "line is checked first: a bad one is reported with its line number (exit 2) and "
+        "nothing from the file is written.\n\nexample:\n"
+        "  frys vector add default docs.jsonl\n"
+        '  echo \'{"id": "a", "text": "pump overheating", "metadata": {"kind": "fault"}}\''
+        " | frys vector add default -",
+    )
+    _config_flags(add)
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("file", metavar="FILE")
+    add.set_defaults(func=cmd_vector_add)
+
+    search = vsub.add_parser(
+        "search",
+        help="find the items nearest to a text or a vector",
+        description="Exact search, nearest first: score is cosine similarity, dot product, "
+        "or Euclidean distance for l2. --filter keeps items whose metadata has equal "
+        "fields.\n\nexample:\n"
+        '  frys vector search default --query "pump overheating" -k 5\n'
+        "  frys vector search points --vector '[0.1, 0.2, 0.3]' --json",
+    )
+    _config_flags(search)
+    search.add_argument("name", metavar="NAME")
+    what = search.add_mutually_exclusive_group(required=True)
+    what.add_argument("--query", metavar="TEXT", help="text, embedded like `add` does")
+    what.add_argument("--vector", metavar="JSON", help="a JSON list of numbers")
+    search.add_argument("-k", type=int, default=10, metavar="K", help="hits (default 10)")
+    search.add_argument("--filter", metavar="JSON", help='metadata fields, e.g. {"kind": "x"}')
+    search.add_argument("--json", action="store_true", help='print {"hits": [...]} as JSON')
+    search.set_defaults(func=cmd_vector_search)
+
+    vlist = vsub.add_parser(
+        "list",
+        help="list vector collections",
+        description="List collections with their dim, metric, dtype and item count.\n\n"
+        "example:\n  frys vector list -c frys.toml",
+    )
+    _config_flags(vlist)
+    vlist.add_argument("--json", action="store_true", help="print a JSON list")
+    vlist.set_defaults(func=cmd_vector_list)
+
+    stats = vsub.add_parser(
+        "stats",
+        help="load a collection and show its size",
+        description="Load a collection as a search would and show its item count, backend "
+        "(numpy or python) and memory.\n\nexample:\n  frys vector stats default --json",
+    )
+    _config_flags(stats)
+    stats.add_argument("name", metavar="NAME")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(func=cmd_vector_stats)
+
+    drop = vsub.add_parser(
+        "drop",
+        help="delete a collection and all its items",
+        description="Delete a collection and all its items in one transaction.\n\n"
+        "example:\n  frys vector drop default",
+    )
+    _config_flags(drop)
+    drop.add_argument("name", metavar="NAME")
+    drop.set_defaults(func=cmd_vector_drop)
+
+
+def cmd_vector_create(args: argparse.Namespace) -> int:
+    from frys_edge.vectors import VectorStore
+
+    with _open_storage(args, readonly=False) as store:
+        info = VectorStore(store).create(args.name, args.dim, args.metric, args.dtype)
+    print(f"created {info.name}: dim {info.dim}, {info.metric}, {info.dtype}")
+    return EXIT_OK
+
+
+def _read_vector_lines(path: str) -> tuple[list[Any], list[int]] | str:
+    """The items of a JSON lines file with their line numbers, or the problem as text."""
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{path}: cannot read it: {e}"
+    items: list[Any] = []
+    lines: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            return f"{path}: line {number}: not JSON: {e}"
+        if not isinstance(item, dict):
+            return f'{path}: line {number}: expected an object like {{"id": ..., "vector": [...]}}'
+        items.append(item)
+        lines.append(number)
+    return items, lines
+
+
+def cmd_vector_add(args: argparse.Namespace) -> int:
+    import anyio
+
+    from frys_edge.vectors import VectorError, VectorStore
+
+    read = _read_vector_lines(args.file)
+    if isinstance(read, str):
+        print(f"frys: {read}; nothing from the file was written", file=sys.stderr)
+        return EXIT_USAGE
+    items, lines = read
+    with _open_storage(args, readonly=False) as store:
+        try:
+            count = anyio.run(VectorStore(store).upsert, args.name, items)
+        except VectorError as e:
+            if e.item is None:
+                raise
+            print(
+                f"frys: {args.file}: line {lines[e.item]}: {e.reason}; "
+                "nothing from the file was written",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+    print(f"added {count} items to {args.name}")
+    return EXIT_OK
+
+
+def cmd_vector_search(args: argparse.Namespace) -> int:
+    from frys_edge.vectors import VectorStore, hit_document
+
+    parsed: dict[str, Any] = {}
+    for flag in ("vector", "filter"):
+        text = getattr(args, flag)
+        if text is not None:
+            try:
+                parsed[flag] = json.loads(text)
+            except ValueError as e:
+                print(f"frys: --{flag} is not JSON: {e}", file=sys.stderr)
+                return EXIT_USAGE
+    with _open_storage(args, readonly=True) as store:
+        hits = VectorStore(store).search(
+            args.name,
+            vector=parsed.get("vector"),
+            query=args.query,
+            k=args.k,
+            filter=parsed.get("filter"),
+        )
+    if args.json:
+        print(json.dumps({"hits": [hit_document(hit) for hit in hits]}, indent=2))
+        return EXIT_OK
+    for hit in hits:
+        print(f"{hit.score:.4f}  {hit.id}  {json.dumps(hit.metadata)}")
+    return EXIT_OK
+
+
+def cmd_vector_list(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from frys_edge.vectors import VectorStore
+
+    with _open_storage(args, readonly=True) as store:
+        infos = VectorStore(store).collections()
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(infos), indent=2))
+        return EXIT_OK
+    for info in infos:
+        print(f"{info.name}  dim {info.dim}  {info.metric}  {info.dtype}  {info.count} items")
+    return EXIT_OK
+
+
+def cmd_vector_stats(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from frys_edge.vectors import VectorStore
+
+    with _open_storage(args, readonly=True) as store:
+        stats = msgspec.to_builtins(VectorStore(store).stats(args.name))
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return EXIT_OK
+    for key, value in stats.items():
+        print(f"{key}: {value}")
+    return EXIT_OK
+
+
+def cmd_vector_drop(args: argparse.Namespace) -> int:
+    from frys_edge.vectors import VectorStore
+
+    with _open_storage(args, readonly=False) as store:
+        VectorStore(store).drop(args.name)
+    print(f"dropped {args.name}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from frys_edge.engine import Engine
 from frys_edge.metrics import Health, Metrics
 from frys_edge.sandbox import Grant, HostServices, PluginError, WasmPlugin, load_plugin
 from frys_edge.storage import Storage, encode_value
+from frys_edge.vectors import VECTOR_ACTIONS, VectorStore
 from frys_edge.workflow import WorkflowError
 
 log = logging.getLogger("frys")
@@ -250,6 +251,8 @@ class Runtime:
         self._space: asyncio.Event | None = None
         self.cache = Cache(max_entries=self.budget.cache_entries)
         self.engine = Engine(self, max_runs=config.config.workflows.max_runs)
+        self.engine.actions.update(VECTOR_ACTIONS)
+        self.vectors: VectorStore | None = None
         self.storage: Storage | None = None
         self.started_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -291,6 +294,7 @@ class Runtime:
         self.health.set("storage", "starting")
         self.storage = await anyio.to_thread.run_sync(self._open_storage)
         self.health.set("storage", "ok")
+        self.vectors = VectorStore(self.storage)
         anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
         # Thousands of live runs make CPython's default collector (a young-generation pass
         # every 700 allocations) cost more than the runs; raise it unless the embedding

@@ -99,6 +99,26 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (run_id, step, attempt)
     ) WITHOUT ROWID;
     """,
+    # Vector collections and their items; a vector is a little-endian blob of its dtype
+    # (float32, or int8 times `scale`); metadata is JSON text.
+    """
+    CREATE TABLE vector_collections (
+        name TEXT PRIMARY KEY,
+        dim INTEGER NOT NULL,
+        metric TEXT NOT NULL,
+        dtype TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE vectors (
+        collection TEXT NOT NULL,
+        id TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        scale REAL NOT NULL,
+        metadata TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (collection, id)
+    ) WITHOUT ROWID;
+    """,
 )
 RUN_COLUMNS = (
     "id, workflow, status, definition, inputs, outputs, error, idempotency_key, parent_run,"
@@ -193,6 +213,25 @@ class StepRecord(msgspec.Struct, frozen=True):
     started_at: float | None
     finished_at: float | None
     wake_at: float | None
+
+
+class VectorCollectionRecord(msgspec.Struct, frozen=True):
+    """One vector collection as stored: its name, dimension, metric and stored dtype."""
+
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    created_at: float
+
+
+class VectorRecord(msgspec.Struct, frozen=True):
+    """One item of a vector collection: `vector` is the encoded blob, `scale` its factor."""
+
+    id: str
+    vector: bytes
+    scale: float
+    metadata: Any
 
 
 def _run_record(row: Sequence[Any]) -> RunRecord:
@@ -585,6 +624,37 @@ class Storage:
             row = conn.execute("SELECT max(seq) FROM events").fetchone()
         return int(row[0] or 0)
 
+    def vector_collection(self, name: str) -> VectorCollectionRecord | None:
+        """The vector collection with this name, or None."""
+        sql = "SELECT name, dim, metric, dtype, created_at FROM vector_collections WHERE name = ?"
+        with self._reader("reading a vector collection") as conn:
+            row = conn.execute(sql, (name,)).fetchone()
+        return None if row is None else VectorCollectionRecord(*row)
+
+    def vector_collections(self) -> list[VectorCollectionRecord]:
+        """Every vector collection, by name."""
+        sql = "SELECT name, dim, metric, dtype, created_at FROM vector_collections ORDER BY name"
+        with self._reader("listing vector collections") as conn:
+            return [VectorCollectionRecord(*row) for row in conn.execute(sql).fetchall()]
+
+    def vector_count(self, collection: str) -> int:
+        """How many items a vector collection holds."""
+        sql = "SELECT count(*) FROM vectors WHERE collection = ?"
+        with self._reader("counting vectors") as conn:
+            return int(conn.execute(sql, (collection,)).fetchone()[0])
+
+    def vectors(
+        self, collection: str, *, after: str = "", limit: int = 10000
+    ) -> list[VectorRecord]:
+        """Items of a collection in id order, after the id `after` (page with the last id)."""
+        sql = (
+            "SELECT id, vector, scale, metadata FROM vectors WHERE collection = ? AND id > ?"
+            " ORDER BY id LIMIT ?"
+        )
+        with self._reader("reading vectors") as conn:
+            rows = conn.execute(sql, (collection, after, limit)).fetchall()
+        return [VectorRecord(r[0], r[1], r[2], _decode(r[3])) for r in rows]
+
     def stats(self) -> dict[str, Any]:
         """Counters and pool state for metrics and health."""
         return {
@@ -674,6 +744,35 @@ class Storage:
             )
         if kind == "trim":
             return w.execute("DELETE FROM events WHERE seq <= ?", (op[1],)).rowcount
+        if kind == "vcol_new":
+            row = w.execute(
+                "INSERT INTO vector_collections (name, dim, metric, dtype, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING name",
+                op[1:6],
+            ).fetchone()
+            return row is not None
+        if kind == "vcol_drop":
+            w.execute("DELETE FROM vectors WHERE collection = ?", (op[1],))
+            return w.execute("DELETE FROM vector_collections WHERE name = ?", (op[1],)).rowcount > 0
+        if kind == "vput":
+            # A missing collection is this op's result, not an error: raising would roll back
+            # the other callers' ops sharing the group commit.
+            known = w.execute(
+                "SELECT 1 FROM vector_collections WHERE name = ?", (op[1],)
+            ).fetchone()
+            if known is None:
+                return None
+            w.executemany(
+                "INSERT OR REPLACE INTO vectors (collection, id, vector, scale, metadata,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(op[1], *row, op[3]) for row in op[2]],
+            )
+            return len(op[2])
+        if kind == "vdel":
+            return w.executemany(
+                "DELETE FROM vectors WHERE collection = ? AND id = ?",
+                [(op[1], item) for item in op[2]],
+            ).rowcount
         raise StorageError(f"unknown storage operation {kind!r}")
 
     @staticmethod
@@ -898,6 +997,41 @@ class Storage:
             history,
         )
         await self._submit(op)
+
+    def create_vector_collection(self, name: str, dim: int, metric: str, dtype: str) -> bool:
+        """Store a new vector collection (committed on return); False if the name is taken."""
+        _check_name("vector collection name", name)
+        result = self.write([("vcol_new", name, dim, metric, dtype, time.time())])
+        return bool(result[0])
+
+    def drop_vector_collection(self, name: str) -> bool:
+        """Delete a vector collection and all its items in one transaction; whether it existed."""
+        _check_name("vector collection name", name)
+        return bool(self.write([("vcol_drop", name)])[0])
+
+    async def put_vectors(self, collection: str, items: Sequence[VectorRecord]) -> int:
+        """Insert or replace items of a collection in one transaction; returns how many.
+
+        All or nothing: a metadata value that cannot be stored raises before anything is
+        queued, and StorageError if the collection does not exist (nothing is written).
+        """
+        _check_name("vector collection name", collection)
+        rows = []
+        for item in items:
+            _check_name(f"id of a vector in {collection}", item.id)
+            meta = encode_value(item.metadata, f"metadata of vector {collection}/{item.id}")
+            rows.append((item.id, item.vector, item.scale, meta))
+        written = await self._submit(("vput", collection, rows, time.time()))
+        if written is None:
+            raise StorageError(f"vector collection {collection!r} does not exist")
+        return written  # type: ignore[no-any-return]
+
+    async def delete_vectors(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete items of a collection by id in one transaction; returns how many existed."""
+        _check_name("vector collection name", collection)
+        for item in ids:
+            _check_name(f"id of a vector in {collection}", item)
+        return await self._submit(("vdel", collection, list(ids)))  # type: ignore[no-any-return]
 
     # -- maintenance ---------------------------------------------------------------------
 

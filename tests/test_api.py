@@ -49,6 +49,8 @@ def runtime(tmp_path: Path, **settings: Any) -> Runtime:
         "workflows.dir": str(tmp_path / "workflows"),
         "network.port": 0,
         "network.health_port": 0,
+        # The test process carries every other test's imports: keep "memory" healthy.
+        "memory.limit": "4GB",
         **settings,
     }
     return Runtime(load_config(env={}, overrides=overrides))

@@ -1,0 +1,772 @@
+"""Vectors: durable collections of items with vectors, searched exactly by similarity.
+
+Items live in storage (SQLite) like every other durable value; this module keeps one
+in-memory matrix per collection, loaded lazily from storage and updated on every write, so a
+committed write is visible to the next search. Search is exact: with numpy when it is
+importable, else in pure Python with the same answers, more slowly. It speaks no SQL; the
+workflow actions at the end reach it as `ctx.rt.vectors`.
+
+Scores: cosine similarity and dot product rank highest first; `l2` is the Euclidean distance
+and ranks lowest first. Hits are always ordered nearest first.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+import re
+import sys
+import threading
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+
+from frys_edge.core import FrysError
+from frys_edge.storage import Storage, StorageError, VectorCollectionRecord, VectorRecord
+
+try:
+    import numpy as np
+
+    HAVE_NUMPY = True
+except ImportError:  # pragma: no cover - the Pyodide build and devices without numpy
+    HAVE_NUMPY = False
+
+if TYPE_CHECKING:
+    from frys_edge.actions import Action, ActionContext
+
+METRICS = ("cosine", "dot", "l2")
+DTYPES = ("float32", "int8")
+DEFAULT_COLLECTION = "default"
+DEFAULT_TEXT_DIM = 256
+MAX_DIM = 4096
+MAX_K = 1000
+MAX_ITEMS_PER_UPSERT = 1_000_000
+MAX_ID_CHARS = 256
+MAX_TEXT_CHARS = 100_000
+MAX_METADATA_BYTES = 64 * 1024
+LOAD_PAGE = 10_000
+INT8_CHUNK_BYTES = 4 * 1024 * 1024  # int8 rows are widened to float32 in blocks this big
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_WORD = re.compile(r"\w+")
+_LITTLE = sys.byteorder == "little"
+
+
+class VectorError(FrysError):
+    """A vector collection, item or query is wrong; the message names it and the fix.
+
+    For a bad item of an upsert, `item` is its index in the batch and `reason` the problem
+    alone, so a caller (the CLI) can name the line it came from.
+    """
+
+    def __init__(self, message: str, *, item: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.item = item
+        self.reason = message if reason is None else reason
+
+
+class CollectionInfo(msgspec.Struct, frozen=True):
+    """A collection: its settings and how many items it holds."""
+
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    count: int
+    created_at: float
+
+
+class CollectionStats(msgspec.Struct, frozen=True):
+    """A loaded collection: its settings, size, search backend and searches since start."""
+
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    count: int
+    backend: str
+    memory_bytes: int
+    searches: int
+
+
+class Hit(msgspec.Struct, frozen=True):
+    """One search result: the item's id, its score and its metadata."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any]
+
+
+class _Item(msgspec.Struct, forbid_unknown_fields=True):
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
+    vector: list[float] | None = None
+    text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class _BadVector(Exception):
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(reason)
+        self.index = index
+        self.reason = reason
+
+
+def _unknown(name: str) -> VectorError:
+    return VectorError(
+        f"no vector collection {name!r}; create it with `frys vector create {name} --dim 256` "
+        f"and fill it with `frys vector add {name} FILE`"
+    )
+
+
+# -- the default embedder -------------------------------------------------------------------
+
+
+@lru_cache(maxsize=65_536)
+def _feature(feature: str, dim: int) -> tuple[int, float]:
+    # blake2b, not hash(): Python salts str hashes per process, and vectors are stored.
+    h = int.from_bytes(blake2b(feature.encode(), digest_size=8).digest(), "little")
+    return h % dim, 1.0 if h >> 63 else -1.0
+
+
+def embed_text(text: str, dim: int = DEFAULT_TEXT_DIM) -> list[float]:
+    """Embed text lexically: hashed words and character 3-grams, L2-normalised.
+
+    Deterministic and needs no model, but it only knows spelling: texts that share words or
+    parts of words come out close; synonyms with no letters in common do not.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+        raise VectorError(f"embed_text: dim must be an int from 1 to {MAX_DIM}, got {dim!r}")
+    if not isinstance(text, str):
+        raise VectorError(f"embed_text: text must be a string, got {type(text).__name__}")
+    out = [0.0] * dim
+    for word in _WORD.findall(text.casefold()):
+        index, sign = _feature("w:" + word, dim)
+        out[index] += sign
+        padded = f"<{word}>"
+        for i in range(len(padded) - 2):
+            index, sign = _feature("c:" + padded[i : i + 3], dim)
+            out[index] += 0.5 * sign
+    norm = math.sqrt(math.fsum(v * v for v in out))
+    if norm == 0.0:
+        raise VectorError(f"embed_text: {text[:40]!r} has no words to embed")
+    return [v / norm for v in out]
+
+
+# -- encoding: validated values to storage's blobs -------------------------------------------
+
+
+class _Spec(msgspec.Struct, frozen=True):
+    name: str
+    dim: int
+    metric: str
+    dtype: str
+    created_at: float
+
+
+def _spec(record: VectorCollectionRecord) -> _Spec:
+    return _Spec(record.name, record.dim, record.metric, record.dtype, record.created_at)
+
+
+def _bad_value(value: float, position: int) -> str:
+    return (
+        f"vector[{position}] is {value!r}, outside the float32 range; give finite numbers"
+        if math.isfinite(value)
+        else f"vector[{position}] is {value!r}; give finite numbers"
+    )
+
+
+def _encode_python(vectors: Sequence[Sequence[float]], spec: _Spec) -> list[tuple[bytes, float]]:
+    out = []
+    for i, values in enumerate(vectors):
+        if len(values) != spec.dim:
+            raise _BadVector(
+                i, f"vector has {len(values)} numbers but the collection's dim is {spec.dim}"
+            )
+        rounded = array("f", values)  # float32, as the numpy path stores
+        for position, value in enumerate(rounded):
+            if not math.isfinite(value):
+                raise _BadVector(i, _bad_value(values[position], position))
+        floats: Sequence[float] = values
+        if spec.metric == "cosine":
+            norm = math.sqrt(math.fsum(v * v for v in values))
+            if norm == 0.0:
+                raise _BadVector(i, "vector is all zeros; cosine needs a direction")
+            floats = [v / norm for v in values]
+        if spec.dtype == "float32":
+            packed = array("f", floats)
+            if not _LITTLE:
+                packed.byteswap()
+            out.append((packed.tobytes(), 1.0))
+            continue
+        peak = max(abs(v) for v in floats)
+        scale = peak / 127.0 if peak else 1.0
+        quantised = array("b", (max(-127, min(127, round(v / scale))) for v in floats))
+        out.append((quantised.tobytes(), scale))
+    return out
+
+
+def _encode_numpy(vectors: Sequence[Sequence[float]], spec: _Spec) -> list[tuple[bytes, float]]:
+    for i, values in enumerate(vectors):
+        if len(values) != spec.dim:
+            raise _BadVector(
+                i, f"vector has {len(values)} numbers but the collection's dim is {spec.dim}"
+            )
+    if not vectors:
+        return []
+    matrix = np.array(vectors, dtype=np.float64).reshape(len(vectors), spec.dim)
+    with np.errstate(over="ignore"):  # overflow is reported below, by position
+        bad = ~np.isfinite(matrix.astype(np.float32))
+    if bad.any():
+        i, position = (int(v) for v in np.argwhere(bad)[0])
+        raise _BadVector(i, _bad_value(float(matrix[i, position]), position))
+    if spec.metric == "cosine":
+        norms = np.sqrt((matrix * matrix).sum(axis=1))
+        if not norms.all():
+            i = int(np.argmin(norms))
+            raise _BadVector(i, "vector is all zeros; cosine needs a direction")
+        matrix /= norms[:, None]
+    if spec.dtype == "float32":
+        rows = matrix.astype("<f4")
+        return [(row.tobytes(), 1.0) for row in rows]
+    peaks = np.abs(matrix).max(axis=1)
+    scales = np.where(peaks > 0, peaks / 127.0, 1.0)
+    quantised = np.clip(np.rint(matrix / scales[:, None]), -127, 127).astype(np.int8)
+    return [(row.tobytes(), float(s)) for row, s in zip(quantised, scales, strict=True)]
+
+
+# -- in-memory indexes -----------------------------------------------------------------------
+
+
+class _Index:
+    """One collection's rows in memory: ids, metadata and vectors in storage's encoding."""
+
+    backend = ""
+
+    def __init__(self, spec: _Spec) -> None:
+        self.spec = spec
+        self.ids: list[str] = []
+        self.pos: dict[str, int] = {}
+        self.metadata: list[dict[str, Any]] = []
+        self.searches = 0
+
+    def put(self, records: Sequence[VectorRecord]) -> None:
+        """Insert or replace records; the last of two with one id wins, as in storage."""
+        new: dict[str, VectorRecord] = {}
+        for record in records:
+            i = self.pos.get(record.id)
+            if i is None:
+                new[record.id] = record
+            else:
+                self._set_row(i, record.vector, record.scale)
+                self.metadata[i] = record.metadata
+        if new:
+            start = len(self.ids)
+            self._append_rows([r.vector for r in new.values()], [r.scale for r in new.values()])
+            for offset, record in enumerate(new.values()):
+                self.pos[record.id] = start + offset
+                self.ids.append(record.id)
+                self.metadata.append(record.metadata)
+
+    def remove(self, ids: Iterable[str]) -> None:
+        """Remove items by id (the last row moves into the hole); unknown ids are ignored."""
+        for item in ids:
+            i = self.pos.pop(item, None)
+            if i is None:
+                continue
+            last = len(self.ids) - 1
+            if i != last:
+                self._move_row(last, i)
+                self.ids[i] = self.ids[last]
+                self.metadata[i] = self.metadata[last]
+                self.pos[self.ids[i]] = i
+            self.ids.pop()
+            self.metadata.pop()
+            self._truncate(last)
+
+    def matching(self, where: Mapping[str, Any]) -> list[int]:
+        """Rows whose metadata has every field of `where` with an equal value."""
+        pairs = list(where.items())
+        return [
+            i
+            for i, meta in enumerate(self.metadata)
+            if all(key in meta and meta[key] == value for key, value in pairs)
+        ]
+
+    def top(
+        self, query: Sequence[float], k: int, rows: list[int] | None
+    ) -> list[tuple[int, float]]:
+        """The k nearest rows (of `rows`, or all) as (row, score), nearest first."""
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        raise NotImplementedError
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` rows ahead of a load; only the numpy matrix needs it."""
+
+    def _set_row(self, i: int, blob: bytes, scale: float) -> None:
+        raise NotImplementedError
+
+    def _append_rows(self, blobs: list[bytes], scales: list[float]) -> None:
+        raise NotImplementedError
+
+    def _move_row(self, src: int, dst: int) -> None:
+        raise NotImplementedError
+
+    def _truncate(self, n: int) -> None:
+        raise NotImplementedError
+
+
+class _NumpyIndex(_Index):
+    """Rows in one growing numpy matrix; search is a matrix-vector product and argpartition."""
+
+    backend = "numpy"
+
+    def __init__(self, spec: _Spec) -> None:
+        super().__init__(spec)
+        self.dtype = np.dtype("<f4") if spec.dtype == "float32" else np.dtype("i1")
+        self.n = 0
+        self.matrix: Any = np.empty((0, spec.dim), self.dtype)
+        self.scales: Any = np.empty(0, np.float32)
+        self.sqnorms: Any = np.empty(0, np.float32)  # |row * scale|^2, for l2
+        self._block_rows = max(64, INT8_CHUNK_BYTES // (4 * spec.dim))
+        self._block: Any = np.empty((0, spec.dim), np.float32)
+
+    def _decode(self, blobs: list[bytes]) -> Any:
+        return np.frombuffer(b"".join(blobs), self.dtype).reshape(len(blobs), self.spec.dim)
+
+    def _fill(self, start: int, rows: Any, scales: Any) -> None:
+        stop = start + len(rows)
+        self.matrix[start:stop] = rows
+        self.scales[start:stop] = scales
+        wide = rows.astype(np.float32)
+        self.sqnorms[start:stop] = (wide * wide).sum(axis=1) * np.square(self.scales[start:stop])
+
+    def _set_row(self, i: int, blob: bytes, scale: float) -> None:
+        self._fill(i, self._decode([blob]), [scale])
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` rows at least (loading reserves the count at once)."""
+        if capacity <= len(self.matrix):
+            return
+        for name in ("matrix", "scales", "sqnorms"):
+            old = getattr(self, name)
+            grown = np.empty((capacity, *old.shape[1:]), old.dtype)
+            grown[: self.n] = old[: self.n]
+            setattr(self, name, grown)
+
+    def _append_rows(self, blobs: list[bytes], scales: list[float]) -> None:
+        need = self.n + len(blobs)
+        if need > len(self.matrix):
+            self.reserve(max(need, 2 * len(self.matrix), 64))
+        self._fill(self.n, self._decode(blobs), scales)
+        self.n = need
+
+    def _move_row(self, src: int, dst: int) -> None:
+        self.matrix[dst] = self.matrix[src]
+        self.scales[dst] = self.scales[src]
+        self.sqnorms[dst] = self.sqnorms[src]
+
+    def _truncate(self, n: int) -> None:
+        self.n = n
+
+    def memory_bytes(self) -> int:
+        arrays = (self.matrix, self.scales, self.sqnorms, self._block)
+        return sum(int(a.nbytes) for a in arrays)
+
+    def top(
+        self, query: Sequence[float], k: int, rows: list[int] | None
+    ) -> list[tuple[int, float]]:
+        x = np.asarray(query, dtype=np.float32)
+        if rows is None:
+            matrix, scales, sqnorms = self.matrix[: self.n], self.scales[: self.n], None
+            if self.spec.metric == "l2":
+                sqnorms = self.sqnorms[: self.n]
+        else:
+            picked = np.asarray(rows, dtype=np.intp)
+            matrix, scales, sqnorms = self.matrix[picked], self.scales[picked], None
+            if self.spec.metric == "l2":
+                sqnorms = self.sqnorms[picked]
+        m = len(matrix)
+        if m == 0:
+            return []
+        if self.spec.dtype == "float32":
+            key = matrix @ x
+        else:
+            # Widened a cache-sized block at a time into one reused buffer: a whole float32
+            # copy would undo the memory saving, and a fresh one per block costs page faults.
+            step = min(m, self._block_rows)
+            if len(self._block) < step:
+                self._block = np.empty((step, self.spec.dim), np.float32)
+            key = np.empty(m, np.float32)
+            for a in range(0, m, step):
+                b = min(a + step, m)
+                np.copyto(self._block[: b - a], matrix[a:b], casting="unsafe")
+                np.dot(self._block[: b - a], x, out=key[a:b])
+            key *= scales
+        if sqnorms is not None:  # -|r - x|^2 = 2 r.x - |r|^2 - |x|^2: higher is nearer
+            key = 2.0 * key - sqnorms - float(x @ x)
+        part = np.argpartition(key, m - k)[m - k :] if k < m else np.arange(m)
+        order = part[np.argsort(-key[part], kind="stable")]
+        best = key[order]
+        scores = np.sqrt(np.maximum(-best, 0.0)) if sqnorms is not None else best
+        found = order if rows is None else picked[order]
+        return list(zip(found.tolist(), scores.tolist(), strict=True))
+
+
+class _PythonIndex(_Index):
+    """Rows as arrays of float32 or int8: the same answers as numpy, without numpy."""
+
+    backend = "python"
+
+    def __init__(self, spec: _Spec) -> None:
+        super().__init__(spec)
+        self.code = "f" if spec.dtype == "float32" else "b"
+        self.rows: list[array[Any]] = []
+        self.scales: list[float] = []
+        self.sqnorms: list[float] = []
+
+    def _decode(self, blob: bytes, scale: float) -> tuple[array[Any], float]:
+        row = array(self.code, blob)
+        if not _LITTLE and self.code == "f":
+            row.byteswap()
+        return row, math.fsum(v * v for v in row) * scale * scale
+
+    def _set_row(self, i: int, blob: bytes, scale: float) -> None:
+        self.rows[i], self.sqnorms[i] = self._decode(blob, scale)
+        self.scales[i] = scale
+
+    def _append_rows(self, blobs: list[bytes], scales: list[float]) -> None:
+        for blob, scale in zip(blobs, scales, strict=True):
+            row, sqnorm = self._decode(blob, scale)
+            self.rows.append(row)
+            self.scales.append(scale)
+            self.sqnorms.append(sqnorm)
+
+    def _move_row(self, src: int, dst: int) -> None:
+        self.rows[dst] = self.rows[src]
+        self.scales[dst] = self.scales[src]
+        self.sqnorms[dst] = self.sqnorms[src]
+
+    def _truncate(self, n: int) -> None:
+        del self.rows[n:], self.scales[n:], self.sqnorms[n:]
+
+    def memory_bytes(self) -> int:
+        return sum(sys.getsizeof(row) for row in self.rows) + 16 * len(self.rows)
+
+    def top(
+        self, query: Sequence[float], k: int, rows: list[int] | None
+    ) -> list[tuple[int, float]]:
+        x = array("f", query).tolist()  # float32, as the numpy path computes with
+        candidates = range(len(self.rows)) if rows is None else rows
+        mul, vectors, scales = operator.mul, self.rows, self.scales
+        key = [sum(map(mul, vectors[i], x)) * scales[i] for i in candidates]
+        l2 = self.spec.metric == "l2"
+        if l2:
+            xx = math.fsum(v * v for v in x)
+            sq = self.sqnorms
+            key = [2.0 * s - sq[i] - xx for s, i in zip(key, candidates, strict=True)]
+        best = heapq.nlargest(k, range(len(key)), key=key.__getitem__)
+        return [(candidates[j], math.sqrt(max(-key[j], 0.0)) if l2 else key[j]) for j in best]
+
+
+# -- the store -------------------------------------------------------------------------------
+
+
+class VectorStore:
+    """Durable vector collections with exact search; writes go to storage, then to memory.
+
+    `use_numpy`: None picks numpy when importable; False forces the pure-Python path.
+    Methods are safe to call from several threads.
+    """
+
+    def __init__(self, storage: Storage, *, use_numpy: bool | None = None) -> None:
+        if use_numpy and not HAVE_NUMPY:
+            raise VectorError("use_numpy=True but numpy is not installed; pip install numpy")
+        self.storage = storage
+        self.use_numpy = HAVE_NUMPY if use_numpy is None else use_numpy
+        self._indexes: dict[str, _Index] = {}
+        self._lock = threading.RLock()
+
+    def create(
+        self, name: str, dim: int, metric: str = "cosine", dtype: str = "float32"
+    ) -> CollectionInfo:
+        """Create an empty collection; VectorError if the name is taken or a setting is bad."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise VectorError(
+                f"bad collection name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= MAX_DIM:
+            raise VectorError(f"collection {name}: dim must be an int from 1 to {MAX_DIM}")
+        if metric not in METRICS:
+            raise VectorError(f"collection {name}: metric must be one of {', '.join(METRICS)}")
+        if dtype not in DTYPES:
+            raise VectorError(f"collection {name}: dtype must be one of {', '.join(DTYPES)}")
+        with self._lock:
+            if not self.storage.create_vector_collection(name, dim, metric, dtype):
+                old = self._spec(name)
+                raise VectorError(
+                    f"vector collection {name!r} already exists (dim {old.dim}, {old.metric}, "
+                    f"{old.dtype}); drop it first (`frys vector drop {name}`) or pick another name"
+                )
+            self._indexes.pop(name, None)
+        return self.info(name)
+
+    def drop(self, name: str) -> None:
+        """Delete a collection and all its items."""
+        with self._lock:
+            if not self.storage.drop_vector_collection(name):
+                raise _unknown(name)
+            self._indexes.pop(name, None)
+
+    def info(self, name: str) -> CollectionInfo:
+        """A collection's settings and item count."""
+        spec = self._spec(name)
+        index = self._indexes.get(name)
+        count = len(index.ids) if index is not None else self.storage.vector_count(name)
+        return CollectionInfo(spec.name, spec.dim, spec.metric, spec.dtype, count, spec.created_at)
+
+    def collections(self) -> list[CollectionInfo]:
+        """Every collection, by name."""
+        return [self.info(record.name) for record in self.storage.vector_collections()]
+
+    def stats(self, name: str) -> CollectionStats:
+        """A collection's size in memory and searches so far (loads it if not loaded yet)."""
+        index = self._index(name)
+        spec = index.spec
+        with self._lock:
+            return CollectionStats(
+                spec.name,
+                spec.dim,
+                spec.metric,
+                spec.dtype,
+                len(index.ids),
+                index.backend,
+                index.memory_bytes(),
+                index.searches,
+            )
+
+    async def upsert(self, name: str, items: Iterable[Mapping[str, Any]]) -> int:
+        """Insert or replace items ({id, vector or text, metadata}); returns how many.
+
+        Every item is checked before anything is written: one bad item raises VectorError
+        naming it, and nothing is written. A `text` is embedded with `embed_text`.
+        """
+        spec = self._spec(name)
+        records = self._prepare(spec, list(items))
+        try:
+            count = await self.storage.put_vectors(name, records)
+        except StorageError as e:
+            if self.storage.vector_collection(name) is None:
+                raise _unknown(name) from e
+            raise
+        with self._lock:
+            index = self._indexes.get(name)
+            if index is not None:
+                if index.spec == spec:
+                    index.put(records)
+                else:  # dropped and created again meanwhile: reload on next use
+                    del self._indexes[name]
+        return count
+
+    async def delete(self, name: str, ids: Iterable[str]) -> int:
+        """Delete items by id; returns how many existed."""
+        self._spec(name)
+        wanted = list(ids)
+        for item in wanted:
+            if not isinstance(item, str) or not item:
+                raise VectorError(f"collection {name}: ids must be non-empty strings, got {item!r}")
+        count = await self.storage.delete_vectors(name, wanted)
+        with self._lock:
+            index = self._indexes.get(name)
+            if index is not None:
+                index.remove(wanted)
+        return count
+
+    def search(
+        self,
+        name: str,
+        vector: Sequence[float] | None = None,
+        query: str | None = None,
+        k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        """The k items nearest to `vector`, or to the text `query` embedded with the
+        collection's dim, whose metadata equals `filter` field by field; nearest first."""
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+            raise VectorError(f"search {name}: k must be an int from 1 to {MAX_K}, got {k!r}")
+        if filter is not None and not isinstance(filter, Mapping):
+            raise VectorError(
+                f"search {name}: filter must be a mapping of metadata fields to values, "
+                f"got {type(filter).__name__}"
+            )
+        if (vector is None) == (query is None):
+            raise VectorError(f"search {name}: give exactly one of vector or query")
+        index = self._index(name)
+        spec = index.spec
+        if query is not None:
+            if not isinstance(query, str) or len(query) > MAX_TEXT_CHARS:
+                raise VectorError(
+                    f"search {name}: query must be a string of at most {MAX_TEXT_CHARS} chars"
+                )
+            values = embed_text(query, spec.dim)
+        else:
+            values = self._query_vector(spec, vector)
+        with self._lock:
+            index.searches += 1
+            rows = index.matching(filter) if filter else None
+            if rows is not None and not rows:
+                return []
+            found = index.top(values, k, rows)
+            return [Hit(index.ids[i], score, dict(index.metadata[i])) for i, score in found]
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _spec(self, name: str) -> _Spec:
+        index = self._indexes.get(name)
+        if index is not None:
+            return index.spec
+        if not isinstance(name, str) or not name:
+            raise VectorError(f"collection name must be a non-empty string, got {name!r}")
+        record = self.storage.vector_collection(name)
+        if record is None:
+            raise _unknown(name)
+        return _spec(record)
+
+    def _index(self, name: str) -> _Index:
+        index = self._indexes.get(name)
+        if index is not None:
+            return index
+        with self._lock:
+            loaded = self._indexes.get(name)
+            if loaded is not None:
+                return loaded
+            spec = self._spec(name)
+            fresh = _NumpyIndex(spec) if self.use_numpy else _PythonIndex(spec)
+            fresh.reserve(self.storage.vector_count(name))
+            after = ""
+            while page := self.storage.vectors(name, after=after, limit=LOAD_PAGE):
+                fresh.put(page)
+                after = page[-1].id
+            self._indexes[name] = fresh
+            return fresh
+
+    def _query_vector(self, spec: _Spec, vector: Any) -> list[float]:
+        if HAVE_NUMPY and isinstance(vector, np.ndarray):
+            vector = vector.tolist()
+        try:
+            values = msgspec.convert(vector, list[float])
+        except msgspec.ValidationError as e:
+            raise VectorError(f"search {spec.name}: vector must be a list of numbers: {e}") from e
+        try:
+            _encode_python([values], _Spec(spec.name, spec.dim, "dot", "float32", 0.0))
+        except _BadVector as e:
+            raise VectorError(f"search {spec.name}: {e.reason}") from None
+        if spec.metric == "cosine":
+            norm = math.sqrt(math.fsum(v * v for v in values))
+            if norm == 0.0:
+                raise VectorError(f"search {spec.name}: vector is all zeros; cosine needs one")
+            values = [v / norm for v in values]
+        return values
+
+    def _prepare(self, spec: _Spec, raw: list[Mapping[str, Any]]) -> list[VectorRecord]:
+        if len(raw) > MAX_ITEMS_PER_UPSERT:
+            raise VectorError(
+                f"collection {spec.name}: {len(raw)} items in one upsert, over the limit of "
+                f"{MAX_ITEMS_PER_UPSERT}; split them"
+            )
+        items: list[_Item] = []
+        vectors: list[Sequence[float]] = []
+        for i, entry in enumerate(raw):
+            try:
+                item = msgspec.convert(entry, _Item)
+                if (item.vector is None) == (item.text is None):
+                    raise ValueError("give exactly one of vector or text")
+                if item.metadata is None:
+                    item.metadata = {}
+                if len(msgspec.json.encode(item.metadata)) > MAX_METADATA_BYTES:
+                    raise ValueError(f"metadata is over {MAX_METADATA_BYTES} bytes as JSON")
+                vector = item.vector
+                if vector is None:
+                    assert item.text is not None
+                    vector = embed_text(item.text, spec.dim)
+            except (msgspec.ValidationError, msgspec.EncodeError, ValueError, VectorError) as e:
+                raise self._bad_item(spec, raw, i, str(e)) from None
+            items.append(item)
+            vectors.append(vector)
+        encode = _encode_numpy if self.use_numpy else _encode_python
+        try:
+            encoded = encode(vectors, spec)
+        except _BadVector as e:
+            raise self._bad_item(spec, raw, e.index, e.reason) from None
+        return [
+            VectorRecord(item.id, blob, scale, item.metadata)
+            for item, (blob, scale) in zip(items, encoded, strict=True)
+        ]
+
+    @staticmethod
+    def _bad_item(spec: _Spec, raw: list[Mapping[str, Any]], i: int, reason: str) -> VectorError:
+        entry = raw[i]
+        label = f" (id {entry.get('id')!r})" if isinstance(entry, Mapping) else ""
+        return VectorError(
+            f"collection {spec.name}: item {i}{label}: {reason}; nothing was written",
+            item=i,
+            reason=reason,
+        )
+
+
+# -- workflow actions ------------------------------------------------------------------------
+
+
+def _store(ctx: ActionContext, action: str) -> VectorStore:
+    store = getattr(ctx.rt, "vectors", None)
+    if not isinstance(store, VectorStore):
+        raise VectorError(f"action {action}: this runtime has no vector store")
+    return store
+
+
+def hit_document(hit: Hit) -> dict[str, Any]:
+    """The JSON shape of a hit, shared by the action and `frys vector search --json`."""
+    return {"id": hit.id, "score": hit.score, "metadata": hit.metadata}
+
+
+async def _vector_search(ctx: ActionContext, params: dict[str, Any]) -> Any:
+    """Search a collection (default `default`) by `query` text or `vector`; top `k` hits."""
+    hits = _store(ctx, "vector_search").search(
+        str(params.get("collection", DEFAULT_COLLECTION)),
+        vector=params.get("vector"),
+        query=params.get("query"),
+        k=params.get("k", 10),
+        filter=params.get("filter"),
+    )
+    return {"hits": [hit_document(hit) for hit in hits]}
+
+
+async def _vector_upsert(ctx: ActionContext, params: dict[str, Any]) -> Any:
+    """Insert or replace `items` ({id, vector or text, metadata}) in a collection."""
+    items = params.get("items")
+    if not isinstance(items, list):
+        raise VectorError("action vector.upsert: items must be a list of {id, vector|text}")
+    name = str(params.get("collection", DEFAULT_COLLECTION))
+    return {"upserted": await _store(ctx, "vector.upsert").upsert(name, items)}
+
+
+async def _vector_delete(ctx: ActionContext, params: dict[str, Any]) -> Any:
+    """Delete items of a collection by `ids`."""
+    ids = params.get("ids")
+    if not isinstance(ids, list):
+        raise VectorError("action vector.delete: ids must be a list of strings")
+    name = str(params.get("collection", DEFAULT_COLLECTION))
+    return {"deleted": await _store(ctx, "vector.delete").delete(name, ids)}
+
+
+VECTOR_ACTIONS: dict[str, Action] = {
+    "vector_search": _vector_search,
+    "vector.upsert": _vector_upsert,
+    "vector.delete": _vector_delete,
+}
