@@ -295,6 +295,8 @@ class Runtime:
         self.storage = await anyio.to_thread.run_sync(self._open_storage)
         self.health.set("storage", "ok")
         self.vectors = VectorStore(self.storage)
+        # Loading a large collection takes a while: do it now, off the event loop.
+        await anyio.to_thread.run_sync(self._load_vectors, self.vectors)
         anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
         # Thousands of live runs make CPython's default collector (a young-generation pass
         # every 700 allocations) cost more than the runs; raise it unless the embedding
@@ -420,6 +422,11 @@ class Runtime:
                 task.cancel()
         if any(w.spec.triggers for w in self.engine.workflows.values()):
             self.supervise("triggers", self.engine.run_triggers)
+
+    @staticmethod
+    def _load_vectors(store: VectorStore) -> None:
+        for collection in store.collections():
+            store.stats(collection.name)  # loads it into memory
 
     def _load_workflows(self, directory: Path) -> None:
         """Load every definition in the workflows dir; a bad file degrades health, not start."""
