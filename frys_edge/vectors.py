@@ -13,6 +13,7 @@ and ranks lowest first. Hits are always ordered nearest first.
 from __future__ import annotations
 
 import heapq
+import importlib.util
 import math
 import operator
 import re
@@ -29,12 +30,10 @@ import msgspec
 from frys_edge.core import FrysError
 from frys_edge.storage import Storage, StorageError, VectorCollectionRecord, VectorRecord
 
-try:
-    import numpy as np
-
-    HAVE_NUMPY = True
-except ImportError:  # pragma: no cover - the Pyodide build and devices without numpy
-    HAVE_NUMPY = False
+# numpy is imported where it is used, not here: `frys run` without vector collections should
+# not pay its ~12 MB of resident memory. Without it (Pyodide, small devices) search is pure
+# Python.
+HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 
 if TYPE_CHECKING:
     from frys_edge.actions import Action, ActionContext
@@ -210,6 +209,8 @@ def _encode_python(vectors: Sequence[Sequence[float]], spec: _Spec) -> list[tupl
 
 
 def _encode_numpy(vectors: Sequence[Sequence[float]], spec: _Spec) -> list[tuple[bytes, float]]:
+    import numpy as np
+
     for i, values in enumerate(vectors):
         if len(values) != spec.dim:
             raise _BadVector(
@@ -247,6 +248,7 @@ class _Index:
     backend = ""
 
     def __init__(self, spec: _Spec) -> None:
+
         self.spec = spec
         self.ids: list[str] = []
         self.pos: dict[str, int] = {}
@@ -300,6 +302,7 @@ class _Index:
         self, query: Sequence[float], k: int, rows: list[int] | None
     ) -> list[tuple[int, float]]:
         """The k nearest rows (of `rows`, or all) as (row, score), nearest first."""
+
         raise NotImplementedError
 
     def memory_bytes(self) -> int:
@@ -327,6 +330,8 @@ class _NumpyIndex(_Index):
     backend = "numpy"
 
     def __init__(self, spec: _Spec) -> None:
+        import numpy as np
+
         super().__init__(spec)
         self.dtype = np.dtype("<f4") if spec.dtype == "float32" else np.dtype("i1")
         self.n = 0
@@ -337,9 +342,13 @@ class _NumpyIndex(_Index):
         self._block: Any = np.empty((0, spec.dim), np.float32)
 
     def _decode(self, blobs: list[bytes]) -> Any:
+        import numpy as np
+
         return np.frombuffer(b"".join(blobs), self.dtype).reshape(len(blobs), self.spec.dim)
 
     def _fill(self, start: int, rows: Any, scales: Any) -> None:
+        import numpy as np
+
         stop = start + len(rows)
         self.matrix[start:stop] = rows
         self.scales[start:stop] = scales
@@ -351,6 +360,8 @@ class _NumpyIndex(_Index):
 
     def reserve(self, capacity: int) -> None:
         """Make room for `capacity` rows at least (loading reserves the count at once)."""
+        import numpy as np
+
         if capacity <= len(self.matrix):
             return
         for name in ("matrix", "scales", "sqnorms"):
@@ -381,6 +392,8 @@ class _NumpyIndex(_Index):
     def top(
         self, query: Sequence[float], k: int, rows: list[int] | None
     ) -> list[tuple[int, float]]:
+        import numpy as np
+
         x = np.asarray(query, dtype=np.float32)
         if rows is None:
             matrix, scales, sqnorms = self.matrix[: self.n], self.scales[: self.n], None
@@ -424,6 +437,7 @@ class _PythonIndex(_Index):
     backend = "python"
 
     def __init__(self, spec: _Spec) -> None:
+
         super().__init__(spec)
         self.code = "f" if spec.dtype == "float32" else "b"
         self.rows: list[array[Any]] = []
@@ -461,6 +475,7 @@ class _PythonIndex(_Index):
     def top(
         self, query: Sequence[float], k: int, rows: list[int] | None
     ) -> list[tuple[int, float]]:
+
         x = array("f", query).tolist()  # float32, as the numpy path computes with
         candidates = range(len(self.rows)) if rows is None else rows
         mul, vectors, scales = operator.mul, self.rows, self.scales
@@ -657,7 +672,7 @@ class VectorStore:
             return fresh
 
     def _query_vector(self, spec: _Spec, vector: Any) -> list[float]:
-        if HAVE_NUMPY and isinstance(vector, np.ndarray):
+        if hasattr(vector, "tolist"):  # a numpy array, without importing numpy to ask
             vector = vector.tolist()
         try:
             values = msgspec.convert(vector, list[float])
