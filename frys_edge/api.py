@@ -30,7 +30,7 @@ from frys_edge.config import Config
 from frys_edge.core import BusFull, FrysError, validate_topic
 from frys_edge.engine import RunNotFound
 from frys_edge.metrics import Counter, Histogram, Metrics
-from frys_edge.storage import Storage
+from frys_edge.storage import InvalidValue, Storage
 from frys_edge.workflow import DefinitionError, WorkflowError
 
 if TYPE_CHECKING:
@@ -154,6 +154,8 @@ def decode_body(body: bytes, kind: type[Any], what: str = "body") -> Any:
         raise HttpError(422, "invalid", f"{what}: {e}", _validation_path(str(e))) from None
     except msgspec.DecodeError as e:
         raise HttpError(400, "bad_request", f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise HttpError(400, "bad_request", f"{what} nests too deeply") from None
 
 
 def decode_query(query: dict[str, str], kind: type[Any]) -> Any:
@@ -175,6 +177,8 @@ def error_response(exc: Exception) -> Response:
         first = exc.problems[0].path if exc.problems else ""
         return HttpError(422, "invalid", str(exc), f"$.{first}" if first else "$").response()
     if isinstance(exc, WorkflowError):
+        return HttpError(422, "invalid", str(exc)).response()
+    if isinstance(exc, InvalidValue):
         return HttpError(422, "invalid", str(exc)).response()
     if isinstance(exc, BusFull):
         return HttpError(503, "busy", str(exc), headers=[("retry-after", "1")]).response()
@@ -633,7 +637,7 @@ class KvQuery(msgspec.Struct, forbid_unknown_fields=True):
 class EventsQuery(msgspec.Struct, forbid_unknown_fields=True):
     """GET /events query: durable events after a sequence number."""
 
-    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     limit: _Limit = 100
     topic: str | None = None
 

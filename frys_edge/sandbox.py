@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -229,7 +230,8 @@ def compile_module(
     blob, check = cache_dir / f"{key}.cwasm", cache_dir / f"{key}.sha256"
     try:
         cached = blob.read_bytes()
-        # Deserializing runs native code: only a file whose hash we wrote is trusted.
+        # The hash catches a corrupt or truncated entry (not tampering: whoever can write
+        # the data dir could rewrite both files; signed plugins bypass the cache for that).
         if hashlib.sha256(cached).hexdigest() == check.read_text().strip():
             return wt.Module.deserialize(engine, cached), True
         log.warning("plugin cache %s does not match its hash; rebuilding it", blob)
@@ -477,6 +479,14 @@ class WasmPlugin:
             inst.broken = True
             self.errors += 1
             raise
+        except BaseException as e:
+            # Anything else (a host function's own error, an interrupt) leaves the instance
+            # mid-call: it is never reused.
+            inst.broken = True
+            self.errors += 1
+            if isinstance(e, Exception):
+                raise PluginError(f"plugin {self.name}.{export}: host error: {e!r}", "host") from e
+            raise
         finally:
             if self.metered:
                 self.fuel_used += limits.fuel - inst.store.get_fuel()
@@ -492,7 +502,8 @@ class WasmPlugin:
             if len(data) > inst.input_cap:
                 # One buffer per instance, grown rarely: a call is then one crossing.
                 inst.input_cap = max(len(data), 2 * inst.input_cap, 4096)
-                inst.input_ptr = ex["input_buffer"](store, inst.input_cap)
+                # i32 results arrive signed: a "negative" pointer must not pass the check.
+                inst.input_ptr = ex["input_buffer"](store, inst.input_cap) & 0xFFFFFFFF
                 if inst.input_ptr + inst.input_cap > memory.data_len(store):
                     raise PluginError(f"plugin {self.name}: input_buffer outside memory", "abi")
             if data:
@@ -541,13 +552,25 @@ class WasmPlugin:
                 "capability",
             )
         self.calls += 1
+        output = bytearray()
+        overflow = False
+
+        def collect(chunk: bytes) -> int:
+            # Counted as it is written: a command cannot fill a disk before the check.
+            nonlocal overflow
+            if len(output) + len(chunk) > limits.max_output:
+                overflow = True
+                return -errno.EFBIG
+            output.extend(chunk)
+            return len(chunk)
+
         with tempfile.TemporaryDirectory(prefix="frys-wasi-") as tmp:
-            stdin, stdout = Path(tmp) / "stdin", Path(tmp) / "stdout"
+            stdin = Path(tmp) / "stdin"
             stdin.write_bytes(data)
             wasi = wt.WasiConfig()
             # No sockets and no arguments ever; dirs and env only as the operator granted.
             wasi.stdin_file = str(stdin)
-            wasi.stdout_file = str(stdout)
+            wasi.stdout_custom = collect
             wasi.env = list(self.grant.env.items())
             for entry in self.grant.dirs:
                 host, guest, *mode = entry.split(":")
@@ -556,26 +579,25 @@ class WasmPlugin:
             try:
                 inst.exports["_start"](inst.store)
             except wt.ExitTrap as e:
-                if e.code != 0:
+                if e.code != 0 and not overflow:
                     self.errors += 1
                     raise PluginError(f"plugin {self.name} exited with status {e.code}") from e
             except wt.Trap as e:
                 self.errors += 1
-                kind = _trap_kind(e)
+                kind = "output" if overflow else _trap_kind(e)
                 message = _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
                 raise PluginError(f"plugin {self.name}: {message}", kind) from e
             finally:
                 if self.metered:
                     self.fuel_used += limits.fuel - inst.store.get_fuel()
-            size = stdout.stat().st_size
-            if size > limits.max_output:
-                self.errors += 1
-                raise PluginError(
-                    f"plugin {self.name} wrote {size} bytes, over its max_output of "
-                    f"{limits.max_output}",
-                    "output",
-                )
-            return stdout.read_bytes()
+        if overflow:
+            self.errors += 1
+            raise PluginError(
+                f"plugin {self.name} wrote more than its max_output of {limits.max_output} "
+                "bytes; the rest was refused",
+                "output",
+            )
+        return bytes(output)
 
 
 def _reset(inst: _Instance) -> None:
@@ -592,6 +614,7 @@ _TRAP_MESSAGES = {
     "deadline": "ran past its deadline (limits.deadline_ms); the call was stopped",
     "stack": "exhausted its stack (infinite recursion?); the call was stopped",
     "memory": "accessed memory out of bounds",
+    "output": "wrote more than its max_output; the call was stopped",
 }
 
 
@@ -683,7 +706,10 @@ def load_plugin(
         log.info("plugin %s: capabilities asked for but not granted: %s", manifest.name, denied)
     wt = _wasmtime()
     try:
-        module, hit = compile_module(data, digest, cache_dir, manifest.limits.fuel > 0)
+        # The cache holds native code: when signatures are required, nothing unsigned runs,
+        # so it is bypassed (its files are only as safe as the data dir's permissions).
+        cache = None if require_signature else cache_dir
+        module, hit = compile_module(data, digest, cache, manifest.limits.fuel > 0)
     except wt.WasmtimeError as e:
         raise PluginError(f"{module_path}: not a valid WebAssembly module: {e}", "invalid") from e
     _check_imports(manifest, module, module_path)

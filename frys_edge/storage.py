@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -138,6 +139,10 @@ class StorageError(FrysError):
     """Something went wrong with the data dir or its SQLite file."""
 
 
+class InvalidValue(StorageError):
+    """A caller handed storage something it cannot store (a bad name, a non-JSON value)."""
+
+
 class DataDirLocked(StorageError):
     """Another process holds the data dir."""
 
@@ -253,7 +258,7 @@ def encode_value(value: Any, where: str) -> str:
     try:
         return _encode(value).decode()
     except (TypeError, msgspec.EncodeError) as e:
-        raise StorageError(
+        raise InvalidValue(
             f"{where}: cannot store a value of type {type(value).__name__} ({e}); store "
             "JSON-able values: dict, list, str, int, float, bool or None"
         ) from e
@@ -262,7 +267,7 @@ def encode_value(value: Any, where: str) -> str:
 def _check_name(what: str, value: object) -> None:
     # Checked before queuing, so one caller's bad argument never fails a shared commit.
     if not isinstance(value, str) or not value:
-        raise StorageError(f"{what} must be a non-empty string, got {value!r}")
+        raise InvalidValue(f"{what} must be a non-empty string, got {value!r}")
 
 
 def describe_error(path: Path, err: sqlite3.Error, doing: str) -> StorageError:
@@ -543,9 +548,12 @@ class Storage:
             " AND key > ?"
         )
         args: list[Any] = [namespace, lower, after]
-        if prefix:
+        if prefix and ord(prefix[-1]) < sys.maxunicode:  # U+10FFFF has no successor
             sql += " AND key < ?"
             args.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        elif prefix:
+            sql += " AND substr(key, 1, ?) = ?"
+            args += [len(prefix), prefix]
         sql += " ORDER BY key LIMIT ?"
         args.append(limit)
         with self._reader("listing kv") as conn:

@@ -45,6 +45,7 @@ DEFAULT_TEXT_DIM = 256
 MAX_DIM = 4096
 MAX_K = 1000
 MAX_ITEMS_PER_UPSERT = 1_000_000
+MAX_FLOATS_PER_UPSERT = 64 * 1024 * 1024
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 100_000
 MAX_METADATA_BYTES = 64 * 1024
@@ -576,18 +577,25 @@ class VectorStore:
         records = self._prepare(spec, list(items))
         try:
             count = await self.storage.put_vectors(name, records)
-        except StorageError as e:
-            if self.storage.vector_collection(name) is None:
+            with self._lock:
+                index = self._indexes.get(name)
+                if index is not None:
+                    if index.spec == spec:
+                        index.put(records)
+                    else:  # dropped and created again meanwhile: reload on next use
+                        del self._indexes[name]
+        except BaseException as e:
+            # A write may commit although its caller was cancelled or the index update
+            # failed: forget the in-memory copy so the next search reloads what is stored.
+            self._forget(name)
+            if isinstance(e, StorageError) and self.storage.vector_collection(name) is None:
                 raise _unknown(name) from e
             raise
-        with self._lock:
-            index = self._indexes.get(name)
-            if index is not None:
-                if index.spec == spec:
-                    index.put(records)
-                else:  # dropped and created again meanwhile: reload on next use
-                    del self._indexes[name]
         return count
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._indexes.pop(name, None)
 
     async def delete(self, name: str, ids: Iterable[str]) -> int:
         """Delete items by id; returns how many existed."""
@@ -596,11 +604,15 @@ class VectorStore:
         for item in wanted:
             if not isinstance(item, str) or not item:
                 raise VectorError(f"collection {name}: ids must be non-empty strings, got {item!r}")
-        count = await self.storage.delete_vectors(name, wanted)
-        with self._lock:
-            index = self._indexes.get(name)
-            if index is not None:
-                index.remove(wanted)
+        try:
+            count = await self.storage.delete_vectors(name, wanted)
+            with self._lock:
+                index = self._indexes.get(name)
+                if index is not None:
+                    index.remove(wanted)
+        except BaseException:
+            self._forget(name)
+            raise
         return count
 
     def search(
@@ -690,10 +702,12 @@ class VectorStore:
         return values
 
     def _prepare(self, spec: _Spec, raw: list[Mapping[str, Any]]) -> list[VectorRecord]:
-        if len(raw) > MAX_ITEMS_PER_UPSERT:
+        # Bounded by numbers, not items: 1M items of 4,096 floats would be 16 GB.
+        limit = min(MAX_ITEMS_PER_UPSERT, MAX_FLOATS_PER_UPSERT // spec.dim)
+        if len(raw) > limit:
             raise VectorError(
                 f"collection {spec.name}: {len(raw)} items in one upsert, over the limit of "
-                f"{MAX_ITEMS_PER_UPSERT}; split them"
+                f"{limit} at dim {spec.dim}; split them"
             )
         items: list[_Item] = []
         vectors: list[Sequence[float]] = []

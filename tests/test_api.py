@@ -665,3 +665,17 @@ def test_serve_api_reports_its_ports_and_drains_when_cancelled(tmp_path: Path) -
             assert server.stopped.is_set()
 
     anyio.run(main)
+
+
+def test_client_mistakes_found_in_review_are_4xx_not_5xx(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, server):
+            api = server.ports["api"]
+            huge = await call(api, "GET", "/events?after=99999999999999999999")
+            assert huge.status in (400, 422)
+            top = await call(api, "GET", "/kv/ns?prefix=%F4%8F%BF%BF")
+            assert top.status == 200 and top.json is not None
+            deep = await call(api, "PUT", "/kv/ns/k", raw=b"[" * 100_000 + b"]" * 100_000)
+            assert deep.status == 400 and deep.json["error"]["code"] == "bad_request"
+
+    anyio.run(main)

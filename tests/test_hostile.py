@@ -135,3 +135,50 @@ def test_wasi_sees_only_the_directories_and_env_the_operator_granted(tmp_path: P
         load_plugin(PLUGINS / "readfile").call("_start", "/data/notes.txt")
     with pytest.raises(PluginError, match="must be HOST:GUEST"):
         load_plugin(PLUGINS / "readfile", Grant(capabilities=["wasi"], dirs=[f"{shared}"]))
+
+
+def test_a_hostile_input_buffer_pointer_is_refused_not_followed(tmp_path: Path) -> None:
+    from test_sandbox import make_plugin
+
+    wat = """
+    (module
+      (memory (export "memory") 1)
+      ;; -16 MiB as an i32: would point below the plugin's memory if taken as signed
+      (func (export "input_buffer") (param i32) (result i32) (i32.const -16777216))
+      (func (export "run") (param i32 i32) (result i64) (i64.const 0)))
+    """
+    plugin = load_plugin(make_plugin(tmp_path, wat, name="below", exports=["run"]))
+    with pytest.raises(PluginError, match="input_buffer outside memory") as err:
+        plugin.call("run", {"x": 1})
+    assert err.value.kind == "abi"
+    assert_host_healthy(plugin)
+
+
+def test_a_failing_host_service_fails_the_call_and_discards_the_instance(tmp_path: Path) -> None:
+    from test_sandbox import make_plugin
+
+    def broken_put(namespace: str, key: str, value: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    services = Services()
+    services.host.kv_put = broken_put
+    plugin = load_plugin(make_plugin(tmp_path), Grant(capabilities=["kv"]), services=services.host)
+    with pytest.raises(PluginError, match="host error") as err:
+        plugin.call("store", None)
+    assert err.value.kind == "host" and plugin.errors == 1
+    assert plugin.pool.stats()["discarded"] == 1
+    assert plugin.call("echo", 7) == 7
+
+
+def test_a_wasi_command_cannot_write_past_its_max_output(tmp_path: Path) -> None:
+    copy = tmp_path / "upper"
+    shutil.copytree(PLUGINS / "upper", copy)
+    manifest = copy / "frys-plugin.toml"
+    text = manifest.read_text()
+    manifest.write_text(text[: text.index("[limits]")] + "[limits]\nmax_output = 1024\n")
+    upper = load_plugin(copy, Grant(capabilities=["wasi"]))
+    flood = b'"' + b"a" * 8192 + b'"'  # upper echoes it: eight times its max_output
+    with pytest.raises(PluginError, match="max_output") as err:
+        upper.call_raw("_start", flood)
+    assert err.value.kind == "output"
+    assert upper.call_raw("_start", b'"ok"') == b'"OK"'

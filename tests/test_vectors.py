@@ -519,3 +519,24 @@ def test_every_vector_command_has_help_with_an_example() -> None:
         assert result.returncode == 0, action
         assert "example:" in result.stdout, action
         assert "--data-dir" in result.stdout, action
+
+
+def test_a_cancelled_upsert_never_leaves_search_out_of_step_with_storage(tmp_path: Path) -> None:
+    import anyio
+
+    from frys_edge.storage import Storage
+    from frys_edge.vectors import VectorStore
+
+    async def main() -> None:
+        with Storage(tmp_path / "data") as storage:
+            store = VectorStore(storage)
+            store.create("c", 2, metric="dot")
+            await store.upsert("c", [{"id": "a", "vector": [1.0, 0.0]}])
+            assert [h.id for h in store.search("c", vector=[1.0, 0.0])] == ["a"]
+            with anyio.move_on_after(0):  # cancelled while its write commits anyway
+                await store.upsert("c", [{"id": "b", "vector": [0.0, 1.0]}])
+            stored = {r.id for r in storage.vectors("c")}
+            found = {h.id for h in store.search("c", vector=[1.0, 1.0])}
+            assert found == stored
+
+    anyio.run(main)
