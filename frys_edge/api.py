@@ -25,6 +25,7 @@ import anyio.abc
 import h11
 import msgspec
 
+from frys_edge import __version__
 from frys_edge.cli import run_document
 from frys_edge.config import Config
 from frys_edge.core import BusFull, FrysError, validate_topic
@@ -130,8 +131,22 @@ class HttpError(ApiError):
 
     def response(self) -> Response:
         """The error as the one JSON error shape."""
-        error = {"code": self.code, "message": self.message, "path": self.path}
-        return json_response(self.status, {"error": error}, self.headers)
+        body = ErrorBody(ErrorDetail(self.code, self.message, self.path))
+        return json_response(self.status, body, self.headers)
+
+
+class ErrorDetail(msgspec.Struct):
+    """What went wrong: a code, a message, and the JSON path of the field at fault."""
+
+    code: str
+    message: str
+    path: str | None = None
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error response: {"error": {"code", "message", "path"}}."""
+
+    error: ErrorDetail
 
 
 _AT = re.compile(r" - at `(\$[^`]*)`$")
@@ -194,16 +209,88 @@ def error_response(exc: Exception) -> Response:
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
 
 
+class RouteDoc(msgspec.Struct, frozen=True):
+    """What /openapi.json says of a route: the types its query and body are decoded as."""
+
+    query: type[Any] | None = None
+    body: Any = None
+    created: bool = False
+
+
 class Router:
     """Routes like `/runs/{id}` and `/kv/{namespace}/{key*}` (`*`: the rest of the path)."""
 
     def __init__(self) -> None:
         self._routes: dict[str, tuple[list[str], dict[str, Handler]]] = {}
+        self.docs: dict[tuple[str, str], RouteDoc] = {}
 
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        """Register handler for method on pattern."""
+    def add(self, method: str, pattern: str, handler: Handler, doc: RouteDoc | None = None) -> None:
+        """Register handler for method on pattern, described by doc for the OpenAPI schema."""
         parts = pattern.strip("/").split("/") if pattern != "/" else []
         self._routes.setdefault(pattern, (parts, {}))[1][method] = handler
+        self.docs[(method, pattern)] = doc or RouteDoc()
+
+    def openapi(self, title: str, version: str) -> dict[str, Any]:
+        """An OpenAPI 3.1 document built from the routes and their msgspec types."""
+        types = [ErrorBody] + [d.body for d in self.docs.values() if d.body not in (None, Any)]
+        _, components = msgspec.json.schema_components(
+            types, ref_template="#/components/schemas/{name}"
+        )
+        error = {"$ref": "#/components/schemas/ErrorBody"}
+        paths: dict[str, dict[str, Any]] = {}
+        for (method, pattern), doc in self.docs.items():
+            handler = self._routes[pattern][1][method]
+            parameters = [
+                {
+                    "name": part[1:-1].rstrip("*"),
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+                for part in self._routes[pattern][0]
+                if part.startswith("{")
+            ]
+            for param in msgspec.structs.fields(doc.query) if doc.query else ():
+                parameters.append(
+                    {
+                        "name": param.encode_name,
+                        "in": "query",
+                        "required": param.required,
+                        "schema": msgspec.json.schema(param.type),
+                    }
+                )
+            ok = "201" if doc.created else "200"
+            operation: dict[str, Any] = {
+                "operationId": getattr(handler, "__name__", f"{method} {pattern}"),
+                "summary": f"{method} {pattern}",
+                "parameters": parameters,
+                "responses": {
+                    ok: {"description": "OK", "content": {"application/json": {"schema": {}}}},
+                    "4XX": {
+                        "description": "Client error",
+                        "content": {"application/json": {"schema": error}},
+                    },
+                    "5XX": {
+                        "description": "Unavailable",
+                        "content": {"application/json": {"schema": error}},
+                    },
+                },
+            }
+            if doc.body is not None:
+                body_schema = (
+                    {} if doc.body is Any else {"$ref": f"#/components/schemas/{doc.body.__name__}"}
+                )
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": body_schema}},
+                }
+            paths.setdefault(pattern.replace("*}", "}"), {})[method.lower()] = operation
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": title, "version": version},
+            "paths": paths,
+            "components": {"schemas": components},
+        }
 
     def find(self, method: str, path: str) -> tuple[str, Handler, dict[str, str]]:
         """(pattern, handler, path params); HttpError 404 or 405 (with Allow) otherwise."""
@@ -669,18 +756,20 @@ class _Routes:
         self.health.add("GET", "/health/ready", self.get_ready)
         self.health.add("GET", "/metrics", self.get_metrics)
         api = self.api = Router()
+        api.add("GET", "/openapi.json", self.get_openapi)
         api.add("GET", "/workflows", self.list_workflows)
         api.add("GET", "/workflows/{name}", self.get_workflow)
-        api.add("GET", "/runs", self.list_runs)
-        api.add("POST", "/runs", self.start_run)
+        api.add("GET", "/runs", self.list_runs, RouteDoc(query=RunsQuery))
+        api.add("POST", "/runs", self.start_run, RouteDoc(body=StartRun, created=True))
         api.add("GET", "/runs/{id}", self.get_run)
         api.add("POST", "/runs/{id}/cancel", self.cancel_run)
-        api.add("GET", "/kv/{namespace}", self.list_kv)
+        api.add("GET", "/kv/{namespace}", self.list_kv, RouteDoc(query=KvQuery))
         api.add("GET", "/kv/{namespace}/{key*}", self.get_kv)
-        api.add("PUT", "/kv/{namespace}/{key*}", self.put_kv)
+        api.add("PUT", "/kv/{namespace}/{key*}", self.put_kv, RouteDoc(body=Any))
         api.add("DELETE", "/kv/{namespace}/{key*}", self.delete_kv)
-        api.add("GET", "/events", self.read_events)
-        api.add("POST", "/events", self.publish_event)
+        api.add("GET", "/events", self.read_events, RouteDoc(query=EventsQuery))
+        api.add("POST", "/events", self.publish_event, RouteDoc(body=PublishEvent))
+        self._openapi = api.openapi("Frys Edge API", __version__)
 
     async def health_app(self, request: Request) -> Response:
         """The health port: open to all."""
@@ -756,6 +845,10 @@ class _Routes:
             "steps": [step.name for step in spec.steps],
             "triggers": msgspec.to_builtins(spec.triggers),
         }
+
+    async def get_openapi(self, request: Request, params: dict[str, str]) -> Response:
+        decode_query(request.query, EmptyQuery)
+        return json_response(200, self._openapi)
 
     async def list_workflows(self, request: Request, params: dict[str, str]) -> Response:
         decode_query(request.query, EmptyQuery)

@@ -679,3 +679,26 @@ def test_client_mistakes_found_in_review_are_4xx_not_5xx(tmp_path: Path) -> None
             assert deep.status == 400 and deep.json["error"]["code"] == "bad_request"
 
     anyio.run(main)
+
+
+def test_openapi_is_generated_from_the_request_types(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, server):
+            reply = await call(server.ports["api"], "GET", "/openapi.json")
+            assert reply.status == 200
+            doc = reply.json
+            assert doc["openapi"] == "3.1.0"
+            schemas = doc["components"]["schemas"]
+            assert {"StartRun", "PublishEvent", "ErrorBody", "ErrorDetail"} <= set(schemas)
+            assert schemas["StartRun"]["required"] == ["workflow"]
+            post = doc["paths"]["/runs"]["post"]
+            body = post["requestBody"]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/StartRun"} and "201" in post["responses"]
+            listed = {p["name"]: p for p in doc["paths"]["/runs"]["get"]["parameters"]}
+            assert listed["limit"]["schema"]["maximum"] >= 1 and not listed["limit"]["required"]
+            kv = doc["paths"]["/kv/{namespace}/{key}"]["put"]["parameters"]
+            assert [p["name"] for p in kv] == ["namespace", "key"]
+            error = await call(server.ports["api"], "GET", "/nope")
+            assert set(error.json["error"]) == {"code", "message", "path"}
+
+    anyio.run(main)
