@@ -455,3 +455,20 @@ def test_fuel_zero_runs_unmetered_and_the_deadline_still_stops_a_loop(tmp_path: 
     assert err.value.kind == "deadline" and plugin.fuel_used == 0
     metered = load_plugin(make_plugin(tmp_path, name="metered"), cache_dir=tmp_path / "cache")
     assert metered.metered and not metered.cache_hit, "cache entries are kept per fuel setting"
+
+
+def test_the_aot_cache_is_keyed_by_the_wasmtime_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import frys_edge.sandbox as sandbox
+
+    cache = tmp_path / "cache"
+    directory = make_plugin(tmp_path)
+    assert not load_plugin(directory, cache_dir=cache).cache_hit
+    assert load_plugin(directory, cache_dir=cache).cache_hit
+    monkeypatch.setattr(sandbox, "_installed_version", lambda: "0.0.0-another")
+    monkeypatch.delattr(sandbox._wasmtime(), "__version__", raising=False)
+    upgraded = load_plugin(directory, cache_dir=cache)
+    assert not upgraded.cache_hit, "a module compiled by another wasmtime is never loaded"
+    assert upgraded.call("echo", 1) == 1
+    assert len(list(cache.glob("*.cwasm"))) == 2
