@@ -12,6 +12,7 @@ and ranks lowest first. Hits are always ordered nearest first.
 
 from __future__ import annotations
 
+import abc
 import heapq
 import importlib.util
 import math
@@ -243,7 +244,7 @@ def _encode_numpy(vectors: Sequence[Sequence[float]], spec: _Spec) -> list[tuple
 # -- in-memory indexes -----------------------------------------------------------------------
 
 
-class _Index:
+class _Index(abc.ABC):
     """One collection's rows in memory: ids, metadata and vectors in storage's encoding."""
 
     backend = ""
@@ -299,30 +300,29 @@ class _Index:
             if all(key in meta and meta[key] == value for key, value in pairs)
         ]
 
+    @abc.abstractmethod
     def top(
         self, query: Sequence[float], k: int, rows: list[int] | None
     ) -> list[tuple[int, float]]:
         """The k nearest rows (of `rows`, or all) as (row, score), nearest first."""
 
-        raise NotImplementedError
+    @abc.abstractmethod
+    def memory_bytes(self) -> int: ...
 
-    def memory_bytes(self) -> int:
-        raise NotImplementedError
-
-    def reserve(self, capacity: int) -> None:
+    def reserve(self, capacity: int) -> None:  # noqa: B027 - optional hook, a no-op here
         """Make room for `capacity` rows ahead of a load; only the numpy matrix needs it."""
 
-    def _set_row(self, i: int, blob: bytes, scale: float) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _set_row(self, i: int, blob: bytes, scale: float) -> None: ...
 
-    def _append_rows(self, blobs: list[bytes], scales: list[float]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _append_rows(self, blobs: list[bytes], scales: list[float]) -> None: ...
 
-    def _move_row(self, src: int, dst: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _move_row(self, src: int, dst: int) -> None: ...
 
-    def _truncate(self, n: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _truncate(self, n: int) -> None: ...
 
 
 class _NumpyIndex(_Index):
