@@ -32,6 +32,13 @@ from frys_edge.core import BusFull, FrysError, validate_topic
 from frys_edge.engine import RunNotFound
 from frys_edge.metrics import Counter, Histogram, Metrics
 from frys_edge.storage import InvalidValue, Storage
+from frys_edge.vectors import (
+    UnknownCollection,
+    VectorError,
+    VectorStore,
+    hit_document,
+    track_collection,
+)
 from frys_edge.workflow import DefinitionError, WorkflowError
 
 if TYPE_CHECKING:
@@ -192,6 +199,10 @@ def error_response(exc: Exception) -> Response:
         first = exc.problems[0].path if exc.problems else ""
         return HttpError(422, "invalid", str(exc), f"$.{first}" if first else "$").response()
     if isinstance(exc, WorkflowError):
+        return HttpError(422, "invalid", str(exc)).response()
+    if isinstance(exc, UnknownCollection):
+        return HttpError(404, "not_found", str(exc)).response()
+    if isinstance(exc, VectorError):
         return HttpError(422, "invalid", str(exc)).response()
     if isinstance(exc, InvalidValue):
         return HttpError(422, "invalid", str(exc)).response()
@@ -729,6 +740,27 @@ class EventsQuery(msgspec.Struct, forbid_unknown_fields=True):
     topic: str | None = None
 
 
+class VectorSearch(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /vectors/{name}/search: by text `query` or a `vector`, top `k`, metadata filter."""
+
+    query: str | None = None
+    vector: list[float] | None = None
+    k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    filter: dict[str, Any] | None = None
+
+
+class VectorItems(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT /vectors/{name}/items: insert or replace items {id, vector or text, metadata}."""
+
+    items: list[dict[str, Any]]
+
+
+class VectorIds(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /vectors/{name}/delete: delete items by id."""
+
+    ids: list[str]
+
+
 class EmptyQuery(msgspec.Struct, forbid_unknown_fields=True):
     """Routes without query parameters."""
 
@@ -769,6 +801,10 @@ class _Routes:
         api.add("DELETE", "/kv/{namespace}/{key*}", self.delete_kv)
         api.add("GET", "/events", self.read_events, RouteDoc(query=EventsQuery))
         api.add("POST", "/events", self.publish_event, RouteDoc(body=PublishEvent))
+        api.add("GET", "/vectors", self.list_vectors)
+        api.add("POST", "/vectors/{name}/search", self.search_vectors, RouteDoc(body=VectorSearch))
+        api.add("PUT", "/vectors/{name}/items", self.upsert_vectors, RouteDoc(body=VectorItems))
+        api.add("POST", "/vectors/{name}/delete", self.delete_vectors, RouteDoc(body=VectorIds))
         self._openapi = api.openapi("Frys Edge API", __version__)
 
     async def health_app(self, request: Request) -> Response:
@@ -961,6 +997,37 @@ class _Routes:
         delivered = await self.rt.publish(body.topic, body.payload, timeout=PUBLISH_TIMEOUT)
         seq = await storage.append(body.topic, body.payload) if body.durable else None
         return json_response(200, {"delivered": delivered, "seq": seq})
+
+    @property
+    def vectors(self) -> VectorStore:
+        if self.rt.vectors is None:
+            raise HttpError(503, "unavailable", "the runtime is not started")
+        return self.rt.vectors
+
+    async def list_vectors(self, request: Request, params: dict[str, str]) -> Response:
+        decode_query(request.query, EmptyQuery)
+        infos = [msgspec.structs.asdict(c) for c in self.vectors.collections()]
+        return json_response(200, {"collections": infos})
+
+    async def search_vectors(self, request: Request, params: dict[str, str]) -> Response:
+        decode_query(request.query, EmptyQuery)
+        body: VectorSearch = decode_body(request.body, VectorSearch)
+        hits = self.vectors.search(
+            params["name"], vector=body.vector, query=body.query, k=body.k, filter=body.filter
+        )
+        return json_response(200, {"hits": [hit_document(hit) for hit in hits]})
+
+    async def upsert_vectors(self, request: Request, params: dict[str, str]) -> Response:
+        decode_query(request.query, EmptyQuery)
+        body: VectorItems = decode_body(request.body, VectorItems)
+        upserted = await self.vectors.upsert(params["name"], body.items)
+        track_collection(self.vectors, self.rt.metrics, params["name"])
+        return json_response(200, {"upserted": upserted})
+
+    async def delete_vectors(self, request: Request, params: dict[str, str]) -> Response:
+        decode_query(request.query, EmptyQuery)
+        body: VectorIds = decode_body(request.body, VectorIds)
+        return json_response(200, {"deleted": await self.vectors.delete(params["name"], body.ids)})
 
 
 # -- the two servers of one runtime ---------------------------------------------------------

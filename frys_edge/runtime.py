@@ -52,7 +52,7 @@ from frys_edge.engine import Engine
 from frys_edge.metrics import Health, Metrics
 from frys_edge.sandbox import Grant, HostServices, PluginError, WasmPlugin, load_plugin
 from frys_edge.storage import Storage, encode_value
-from frys_edge.vectors import VECTOR_ACTIONS, VectorStore
+from frys_edge.vectors import VECTOR_ACTIONS, VectorStore, track_collection
 from frys_edge.workflow import WorkflowError
 
 log = logging.getLogger("frys")
@@ -423,10 +423,15 @@ class Runtime:
         if any(w.spec.triggers for w in self.engine.workflows.values()):
             self.supervise("triggers", self.engine.run_triggers)
 
-    @staticmethod
-    def _load_vectors(store: VectorStore) -> None:
+    def _load_vectors(self, store: VectorStore) -> None:
         for collection in store.collections():
             store.stats(collection.name)  # loads it into memory
+            track_collection(store, self.metrics, collection.name)
+        self.metrics.gauge(
+            "vector_index_loads_total",
+            "Vector collections loaded into memory",
+            lambda: float(store.loads),
+        )
 
     def _load_workflows(self, directory: Path) -> None:
         """Load every definition in the workflows dir; a bad file degrades health, not start."""

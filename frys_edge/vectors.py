@@ -20,6 +20,7 @@ import operator
 import re
 import sys
 import threading
+import time
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
@@ -38,6 +39,7 @@ HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 
 if TYPE_CHECKING:
     from frys_edge.actions import Action, ActionContext
+    from frys_edge.metrics import Metrics
 
 METRICS = ("cosine", "dot", "l2")
 DTYPES = ("float32", "int8")
@@ -68,6 +70,10 @@ class VectorError(FrysError):
         super().__init__(message)
         self.item = item
         self.reason = message if reason is None else reason
+
+
+class UnknownCollection(VectorError):
+    """No collection has this name."""
 
 
 class CollectionInfo(msgspec.Struct, frozen=True):
@@ -117,7 +123,7 @@ class _BadVector(Exception):
 
 
 def _unknown(name: str) -> VectorError:
-    return VectorError(
+    return UnknownCollection(
         f"no vector collection {name!r}; create it with `frys vector create {name} --dim 256` "
         f"and fill it with `frys vector add {name} FILE`"
     )
@@ -506,6 +512,7 @@ class VectorStore:
         self.storage = storage
         self.use_numpy = HAVE_NUMPY if use_numpy is None else use_numpy
         self._indexes: dict[str, _Index] = {}
+        self.loads = 0  # collections loaded (or reloaded) from storage into memory
         self._lock = threading.RLock()
 
     def create(
@@ -674,6 +681,7 @@ class VectorStore:
             if loaded is not None:
                 return loaded
             spec = self._spec(name)
+            self.loads += 1
             fresh = _NumpyIndex(spec) if self.use_numpy else _PythonIndex(spec)
             fresh.reserve(self.storage.vector_count(name))
             after = ""
@@ -764,15 +772,34 @@ def hit_document(hit: Hit) -> dict[str, Any]:
     return {"id": hit.id, "score": hit.score, "metadata": hit.metadata}
 
 
+def track_collection(store: VectorStore, metrics: Metrics, name: str) -> None:
+    """Expose a collection's size as the gauge vector_items{collection}."""
+    metrics.gauge(
+        "vector_items",
+        "Items per vector collection",
+        lambda: float(store.stats(name).count),
+        {"collection": name},
+    )
+
+
 async def _vector_search(ctx: ActionContext, params: dict[str, Any]) -> Any:
     """Search a collection (default `default`) by `query` text or `vector`; top `k` hits."""
-    hits = _store(ctx, "vector_search").search(
-        str(params.get("collection", DEFAULT_COLLECTION)),
+    store = _store(ctx, "vector_search")
+    name = str(params.get("collection", DEFAULT_COLLECTION))
+    started = time.perf_counter()
+    hits = store.search(
+        name,
         vector=params.get("vector"),
         query=params.get("query"),
         k=params.get("k", 10),
         filter=params.get("filter"),
     )
+    metrics, labels = ctx.rt.metrics, {"collection": name}
+    metrics.counter("vector_searches_total", "Vector searches", labels).inc()
+    metrics.histogram("vector_search_seconds", "Vector search time", labels).observe(
+        time.perf_counter() - started
+    )
+    track_collection(store, metrics, name)
     return {"hits": [hit_document(hit) for hit in hits]}
 
 

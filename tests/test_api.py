@@ -702,3 +702,38 @@ def test_openapi_is_generated_from_the_request_types(tmp_path: Path) -> None:
             assert set(error.json["error"]) == {"code", "message", "path"}
 
     anyio.run(main)
+
+
+def test_vector_routes_upsert_search_delete_and_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (rt, server):
+            api = server.ports["api"]
+            assert rt.vectors is not None
+            rt.vectors.create("docs", 256)
+            items = {
+                "items": [
+                    {"id": "a", "text": "pump pressure fault"},
+                    {"id": "b", "text": "valve schedule", "metadata": {"k": 1}},
+                ]
+            }
+            put = await call(api, "PUT", "/vectors/docs/items", items)
+            assert put.status == 200 and put.json == {"upserted": 2}
+            found = await call(api, "POST", "/vectors/docs/search", {"query": "pump fault", "k": 1})
+            assert found.status == 200 and found.json["hits"][0]["id"] == "a"
+            listed = await call(api, "GET", "/vectors")
+            assert [c["name"] for c in listed.json["collections"]] == ["docs"]
+            gone = await call(api, "POST", "/vectors/docs/delete", {"ids": ["a"]})
+            assert gone.json == {"deleted": 1}
+            missing = await call(api, "POST", "/vectors/nope/search", {"query": "x"})
+            assert (
+                missing.status == 404
+                and "frys vector create nope" in missing.json["error"]["message"]
+            )
+            bad = await call(
+                api, "PUT", "/vectors/docs/items", {"items": [{"id": "c", "vector": [1]}]}
+            )
+            assert bad.status == 422
+            snap = rt.metrics.snapshot()
+            assert snap['vector_items{collection="docs"}'] == 1
+
+    anyio.run(main)
