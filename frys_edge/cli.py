@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite = bench.add_mutually_exclusive_group()
     suite.add_argument("--workflows", action="store_true", help="the workflow engine suite")
     suite.add_argument("--plugins", action="store_true", help="the WASM plugin sandbox suite")
+    suite.add_argument("--vectors", action="store_true", help="the vector search suite")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.set_defaults(func=cmd_bench)
@@ -790,6 +791,10 @@ def cmd_plugin_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.vectors:
+        from frys_edge.bench_vectors import run_vector_benchmarks
+
+        return run_vector_benchmarks(json_path=args.json, quick=args.quick)
     if args.plugins:
         from frys_edge.bench_plugins import run_plugin_benchmarks
 

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from frys_edge.actions import BUILTIN_ACTIONS
+from frys_edge.metrics import Metrics
 from frys_edge.storage import Storage
 from frys_edge.vectors import (
     HAVE_NUMPY,
@@ -383,7 +384,7 @@ DESIGN_EXAMPLE = {
 
 
 def ctx_with(store: VectorStore) -> Any:
-    return SimpleNamespace(rt=SimpleNamespace(vectors=store))
+    return SimpleNamespace(rt=SimpleNamespace(vectors=store, metrics=Metrics()))
 
 
 def test_design_example_workflow_validates_and_finds_the_nearest_item(storage: Storage) -> None:
