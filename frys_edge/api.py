@@ -7,6 +7,7 @@ handlers call the runtime, engine and storage; they decide nothing the runtime d
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import hmac
 import ipaddress
@@ -15,7 +16,7 @@ import math
 import re
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,7 +29,7 @@ import msgspec
 from frys_edge import __version__
 from frys_edge.cli import run_document
 from frys_edge.config import Config
-from frys_edge.core import BusFull, FrysError, validate_topic
+from frys_edge.core import BusFull, FrysError, topic_matches, validate_pattern, validate_topic
 from frys_edge.engine import RunNotFound
 from frys_edge.metrics import Counter, Histogram, Metrics
 from frys_edge.storage import InvalidValue, Storage
@@ -58,6 +59,9 @@ TRANSFER_TIMEOUT = 30.0
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 4 * MAX_BODY
 PUBLISH_TIMEOUT = 5.0
+# Server-Sent Events: log rows read at a time, and seconds between keep-alive comments.
+SSE_BATCH = 500
+SSE_PING = 15.0
 MAX_PAGE = 1000
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,6 +115,8 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
     route: str = "unmatched"
     close: bool = False
+    # A streamed body (Server-Sent Events): chunks until the iterator ends or we drain.
+    stream: AsyncIterator[bytes] | None = None
 
 
 def json_response(status: int, document: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
@@ -627,6 +633,9 @@ class HttpServer:
     async def _send(self, conn: _Connection, response: Response, method: str) -> None:
         if self._draining and not response.close:
             response.close = True
+        if response.stream is not None:
+            await self._send_stream(conn, response)
+            return
         headers = [
             ("content-type", response.content_type),
             ("content-length", str(len(response.body))),
@@ -645,6 +654,30 @@ class HttpServer:
             data += h.send(h11.Data(data=response.body))
         data += h.send(h11.EndOfMessage())
         await self._write(conn, data)
+
+    async def _send_stream(self, conn: _Connection, response: Response) -> None:
+        """Chunked body from response.stream; the connection closes when it ends."""
+        assert response.stream is not None
+        response.close = True
+        headers = [
+            ("content-type", response.content_type),
+            ("cache-control", "no-cache"),
+            ("date", _http_date()),
+            ("connection", "close"),
+            *response.headers,
+        ]
+        h = conn.h11
+        await self._write(conn, h.send(h11.Response(status_code=response.status, headers=headers)))
+        # Draining cancels this scope like an idle wait, so a stream ends at once.
+        with anyio.CancelScope() as scope:
+            conn.idle_scope = scope
+            try:
+                async for chunk in response.stream:
+                    await self._write(conn, h.send(h11.Data(data=chunk)))
+            finally:
+                conn.idle_scope = None
+                await response.stream.aclose()  # type: ignore[attr-defined]
+        await self._write(conn, h.send(h11.EndOfMessage()))
 
     async def _send_error(self, conn: _Connection, error: h11.RemoteProtocolError) -> None:
         if conn.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -761,6 +794,13 @@ class VectorIds(msgspec.Struct, forbid_unknown_fields=True):
     ids: list[str]
 
 
+class StreamQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """GET /events/stream query: topic patterns (comma-separated), and where to start."""
+
+    topics: str = "#"
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+
+
 class EmptyQuery(msgspec.Struct, forbid_unknown_fields=True):
     """Routes without query parameters."""
 
@@ -773,6 +813,36 @@ def _run_summary(run: Any) -> dict[str, Any]:
 
 def _entry(entry: Any) -> dict[str, Any]:
     return msgspec.structs.asdict(entry)
+
+
+async def _event_stream(
+    rt: Runtime, storage: Storage, patterns: list[str], after: int
+) -> AsyncIterator[bytes]:
+    # Woken by any publish (durable events are published as they are logged) and every
+    # SSE_PING seconds, when a comment line keeps proxies and idle timers from closing it.
+    wake = asyncio.Event()
+    sub = rt.bus.subscribe("#", handler=lambda _message: wake.set(), name="sse")
+    try:
+        while True:
+            events = storage.events(after, limit=SSE_BATCH)
+            for event in events:
+                after = event.seq
+                if any(topic_matches(p, event.topic) for p in patterns):
+                    data = msgspec.json.encode({"topic": event.topic, "payload": event.payload})
+                    yield b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                        event.seq,
+                        event.topic.encode(),
+                        data,
+                    )
+            if len(events) == SSE_BATCH:
+                continue
+            wake.clear()
+            with anyio.move_on_after(SSE_PING) as idle:
+                await wake.wait()
+            if idle.cancelled_caught:
+                yield b": ping\n\n"
+    finally:
+        rt.bus.unsubscribe(sub)
 
 
 # -- the two applications -------------------------------------------------------------------
@@ -800,6 +870,7 @@ class _Routes:
         api.add("PUT", "/kv/{namespace}/{key*}", self.put_kv, RouteDoc(body=Any))
         api.add("DELETE", "/kv/{namespace}/{key*}", self.delete_kv)
         api.add("GET", "/events", self.read_events, RouteDoc(query=EventsQuery))
+        api.add("GET", "/events/stream", self.stream_events, RouteDoc(query=StreamQuery))
         api.add("POST", "/events", self.publish_event, RouteDoc(body=PublishEvent))
         api.add("GET", "/vectors", self.list_vectors)
         api.add("POST", "/vectors/{name}/search", self.search_vectors, RouteDoc(body=VectorSearch))
@@ -984,6 +1055,26 @@ class _Routes:
                 "last_seq": self.storage.last_seq(),
             },
         )
+
+    async def stream_events(self, request: Request, params: dict[str, str]) -> Response:
+        """Server-Sent Events from the durable event log: what is logged after `after` (or
+        the Last-Event-ID header, or now), then each new event as it is logged."""
+        query: StreamQuery = decode_query(request.query, StreamQuery)
+        patterns = [p.strip() for p in query.topics.split(",") if p.strip()]
+        for pattern in patterns:
+            try:
+                validate_pattern(pattern)
+            except FrysError as e:
+                raise HttpError(422, "invalid", str(e), "$.topics") from None
+        resume = request.headers.get("last-event-id", "")
+        if query.after is not None:
+            after = query.after
+        elif resume.isdigit():
+            after = int(resume)
+        else:
+            after = self.storage.last_seq()
+        body = _event_stream(self.rt, self.storage, patterns, after)
+        return Response(200, content_type="text/event-stream", stream=body)
 
     async def publish_event(self, request: Request, params: dict[str, str]) -> Response:
         decode_query(request.query, EmptyQuery)

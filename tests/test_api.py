@@ -737,3 +737,58 @@ def test_vector_routes_upsert_search_delete_and_errors(tmp_path: Path) -> None:
             assert snap['vector_items{collection="docs"}'] == 1
 
     anyio.run(main)
+
+
+def read_sse(port: int, path: str, count: int, headers: dict[str, str] | None = None) -> list[str]:
+    """The first `count` events of a Server-Sent Events stream, as raw text blocks."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path, headers=headers or {})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.getheader("content-type") == "text/event-stream"
+    events: list[str] = []
+    block: list[str] = []
+    while len(events) < count:
+        line = response.readline().decode()
+        if line == "\n":
+            if block and not block[0].startswith(":"):
+                events.append("".join(block))
+            block = []
+        else:
+            block.append(line)
+    conn.close()
+    return events
+
+
+def test_event_stream_replays_resumes_and_follows_live_events(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (rt, server):
+            api = server.ports["api"]
+            assert rt.storage is not None
+            for i in range(3):
+                await rt.storage.append(f"sensors/{i}", {"n": i})
+            replay = await anyio.to_thread.run_sync(
+                read_sse, api, "/events/stream?after=0&topics=sensors/%23", 3
+            )
+            assert [e.splitlines()[0] for e in replay] == ["id: 1", "id: 2", "id: 3"]
+            assert 'data: {"topic":"sensors/2","payload":{"n":2}}' in replay[2]
+            resumed = await anyio.to_thread.run_sync(
+                lambda: read_sse(api, "/events/stream", 1, {"Last-Event-ID": "2"})
+            )
+            assert resumed[0].startswith("id: 3")
+
+            async def publish_later() -> None:
+                await anyio.sleep(0.2)
+                post = {"topic": "alerts/hot", "payload": 1, "durable": True}
+                await call(api, "POST", "/events", post)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(publish_later)
+                live = await anyio.to_thread.run_sync(
+                    read_sse, api, "/events/stream?topics=alerts/%23", 1
+                )
+            assert live[0].startswith("id: 4\nevent: alerts/hot\n")
+            bad = await call(api, "GET", "/events/stream?topics=a/%23/b")
+            assert bad.status == 422
+
+    anyio.run(main)
