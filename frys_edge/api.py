@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import math
 import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -25,10 +26,11 @@ import anyio
 import anyio.abc
 import h11
 import msgspec
+from anyio.streams.tls import TLSListener
 
 from frys_edge import __version__
 from frys_edge.cli import run_document
-from frys_edge.config import Config
+from frys_edge.config import Config, NetworkConfig
 from frys_edge.core import BusFull, FrysError, topic_matches, validate_pattern, validate_topic
 from frys_edge.engine import RunNotFound
 from frys_edge.metrics import Counter, Histogram, Metrics
@@ -69,6 +71,24 @@ PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 class ApiError(FrysError):
     """The API cannot start or serve (an unsafe bind, a port in use)."""
+
+
+def tls_context(network: NetworkConfig) -> ssl.SSLContext | None:
+    """The server TLS context from [network] tls_cert and tls_key, or None without them."""
+    cert, key = network.tls_cert, network.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ApiError("set both [network] tls_cert and tls_key (PEM files), or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ApiError(
+            f"cannot load the TLS certificate {cert} and key {key}: {e}; check [network] "
+            "tls_cert and tls_key point at PEM files that belong together"
+        ) from e
+    return context
 
 
 def check_bind_security(config: Config) -> None:
@@ -1153,7 +1173,8 @@ class ApiServer:
             "api": HttpServer("api", routes.api_app, rt.metrics, **options),
         }
         self._wanted = {"health": net.health_port, "api": net.port}
-        self._listeners: dict[str, anyio.abc.Listener[anyio.abc.SocketStream]] = {}
+        self._listeners: dict[str, anyio.abc.Listener[Any]] = {}
+        self._tls: ssl.SSLContext | None = None
         #: The bound port of each server ("health", "api"), set by bind().
         self.ports: dict[str, int] = {}
         self.stopped = anyio.Event()
@@ -1161,6 +1182,7 @@ class ApiServer:
 
     async def bind(self) -> dict[str, int]:
         """Listen on both ports (0: any free port); returns {"health": port, "api": port}."""
+        self._tls = tls_context(self.rt.config.network)
         try:
             for name, port in self._wanted.items():
                 listener: anyio.abc.Listener[anyio.abc.SocketStream]
@@ -1174,8 +1196,12 @@ class ApiServer:
                         f"{e.strerror or e}; free the port or change [network] "
                         f"{'health_port' if name == 'health' else 'port'}"
                     ) from e
-                self._listeners[name] = listener
                 self.ports[name] = listener.extra(anyio.abc.SocketAttribute.local_port)
+                self._listeners[name] = (
+                    TLSListener(listener, self._tls, standard_compatible=False)
+                    if name == "api" and self._tls is not None
+                    else listener
+                )
         except BaseException:
             for listener in self._listeners.values():
                 await anyio.aclose_forcefully(listener)

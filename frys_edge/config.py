@@ -100,6 +100,10 @@ class NetworkConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     token: str | None = None
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1000
     buffer_size: Annotated[_Size, msgspec.Meta(ge=1)] = 64 * _KIB
+    # PEM files: with both set, the API port speaks HTTPS (the health port stays plain HTTP
+    # for probes).
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class PluginGrant(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

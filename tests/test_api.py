@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
-from frys_edge.api import ApiError, ApiServer, check_bind_security, serve_api
+from frys_edge.api import ApiError, ApiServer, check_bind_security, serve_api, tls_context
 from frys_edge.config import load_config
 from frys_edge.core import Subscription
 from frys_edge.runtime import Runtime
@@ -792,3 +792,76 @@ def test_event_stream_replays_resumes_and_follows_live_events(tmp_path: Path) ->
             assert bad.status == 422
 
     anyio.run(main)
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for 127.0.0.1, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "frys-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_on_the_api_port_with_health_left_plain(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    tls = {"network.tls_cert": str(cert), "network.tls_key": str(key)}
+
+    def https_get(port: int, path: str) -> int:
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    async def main() -> None:
+        async with serving(tmp_path, settings=tls) as (_, server):
+            assert await anyio.to_thread.run_sync(https_get, server.ports["api"], "/runs") == 200
+            health = await call(server.ports["health"], "GET", "/health")
+            assert health.status == 200
+            with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+                await anyio.to_thread.run_sync(request, server.ports["api"], "GET", "/runs")
+
+    anyio.run(main)
+    half = load_config(env={}, overrides={"network.tls_cert": str(cert)}).config.network
+    with pytest.raises(ApiError, match="set both"):
+        tls_context(half)
+    wrong = load_config(
+        env={}, overrides={"network.tls_cert": str(key), "network.tls_key": str(key)}
+    )
+    with pytest.raises(ApiError, match="cannot load the TLS certificate"):
+        tls_context(wrong.config.network)

@@ -446,7 +446,7 @@ def test_config_items_list_every_key_in_schema_order() -> None:
     assert items[0] == ("system.data_dir", "./data")
     assert ("network.token", None) in items
     assert items[-1] == ("workflows.max_runs", 10000)
-    assert len(items) == 25
+    assert len(items) == 27
 
 
 def test_display_value_masks_the_token_and_shows_sizes_in_human_units() -> None:
@@ -554,4 +554,5 @@ def test_example_config_sets_every_key_except_the_unset_optional_ones() -> None:
     # TOML has no null: optional keys whose default is "unset" appear commented out.
     sources = load_config(EXAMPLE, env={}).sources
     from_file = {key for key, source in sources.items() if source.startswith("file:")}
-    assert set(sources) - from_file == {"network.token", "storage.max_size", "plugins.grants"}
+    unset = {"network.token", "network.tls_cert", "network.tls_key", "storage.max_size"}
+    assert set(sources) - from_file == unset | {"plugins.grants"}
