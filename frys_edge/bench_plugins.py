@@ -56,8 +56,8 @@ def _plugin_dir(tmp: Path) -> Path:
     return directory
 
 
-def _raw(fuel: bool) -> tuple[object, object, object]:
-    """A bare wasmtime instance of the same module: (store, exports, engine)."""
+def _bare_store(fuel: bool) -> tuple[Any, Any]:
+    """A plain wasmtime engine and store (no epochs, no limits), fuel on or off."""
     import wasmtime
 
     config = wasmtime.Config()
@@ -66,6 +66,14 @@ def _raw(fuel: bool) -> tuple[object, object, object]:
     store = wasmtime.Store(engine)
     if fuel:
         store.set_fuel(10**15)
+    return engine, store
+
+
+def _raw(fuel: bool) -> tuple[object, object, object]:
+    """A bare wasmtime instance of the same module: (store, exports, engine)."""
+    import wasmtime
+
+    engine, store = _bare_store(fuel)
     instance = wasmtime.Instance(store, wasmtime.Module(engine, WAT), [])
     return store, instance.exports(store), engine
 
@@ -77,12 +85,7 @@ def _anomaly_seconds(fuel: bool, values: bytes, rounds: int) -> float:
     """Median time of one raw `detect` call into the shipped anomaly plugin."""
     import wasmtime
 
-    config = wasmtime.Config()
-    config.consume_fuel = fuel
-    engine = wasmtime.Engine(config)
-    store = wasmtime.Store(engine)
-    if fuel:
-        store.set_fuel(10**15)
+    engine, store = _bare_store(fuel)
     linker = wasmtime.Linker(engine)
     i32 = wasmtime.ValType.i32()
     linker.define_func("frys", "log", wasmtime.FuncType([i32, i32, i32], []), lambda *a: None)
