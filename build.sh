@@ -16,7 +16,9 @@ Commands:
   plugins   rebuild every plugin under plugins/ from source (C with ziglang,
             WAT with wasmtime.wat2wasm) and rewrite each frys-plugin.toml's sha256
   wheel     build the frys-edge wheel into dist/
-  all       plugins, then wheel
+  binary    build the static single-file binary dist/frys (targets/linux-musl/build.sh)
+  wasm32    build the Pyodide bundle dist/wasm32/ (targets/wasm32/build.sh)
+  all       plugins, wheel, binary, then wasm32
   help      show this message
 
 Tools come from PyPI into .venv (created if missing): ziglang==$ZIGLANG_VERSION
@@ -139,9 +141,13 @@ build_wheel() {
 case "${1:-help}" in
     plugins) build_plugins ;;
     wheel) build_wheel ;;
+    binary) bash targets/linux-musl/build.sh ;;
+    wasm32) bash targets/wasm32/build.sh ;;
     all)
         build_plugins
         build_wheel
+        bash targets/linux-musl/build.sh
+        bash targets/wasm32/build.sh
         ;;
     help | -h | --help) usage ;;
     *)
