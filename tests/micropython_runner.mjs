@@ -1,16 +1,18 @@
-// Runs every check_* in tests/core_checks.py against frys_edge/core.py on MicroPython
-// (the WebAssembly port from npm), printing "ok NAME" or "FAIL NAME: ERROR" per check and a
-// summary line. Exits non-zero when a check fails or the checks cannot run.
-// Usage: npm ci && node tests/micropython_runner.mjs
+// Runs frys_edge/core.py on MicroPython (the WebAssembly port from npm).
+// With no argument: every check_* in tests/core_checks.py, printing "ok NAME" or
+// "FAIL NAME: ERROR" per check and a summary line; exits non-zero when a check fails.
+// With SCRIPT.py: imports the script beside core.py and calls its run(), printing its output;
+// exits non-zero when it raises.
+// Usage: npm ci && node tests/micropython_runner.mjs [examples/micropython/sensor_loop.py]
 
 import { readFileSync } from "node:fs";
-import { dirname, join } from "node:path";
+import { basename, dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { loadMicroPython } from "@micropython/micropython-webassembly-pyscript";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 
-const DRIVER = `
+const CHECKS_DRIVER = `
 import io
 import sys
 
@@ -35,6 +37,17 @@ print("micropython " + sys.version.split(";")[-1].strip())
 print(str(len(_names) - _failed) + " passed, " + str(_failed) + " failed")
 `;
 
+// MicroPython prints a traceback itself when runPython raises, so the example driver is plain.
+const exampleDriver = (module) => `
+import sys
+
+sys.path.insert(0, "/frys")
+import ${module}
+
+${module}.run()
+`;
+
+const script = process.argv[2];
 const output = [];
 const mp = await loadMicroPython({
   heapsize: 32 * 1024 * 1024,
@@ -43,17 +56,24 @@ const mp = await loadMicroPython({
 });
 mp.FS.mkdir("/frys");
 mp.FS.writeFile("/frys/core.py", readFileSync(join(root, "frys_edge", "core.py"), "utf8"));
-mp.FS.writeFile("/frys/core_checks.py", readFileSync(join(root, "tests", "core_checks.py"), "utf8"));
+let driver = CHECKS_DRIVER;
+if (script === undefined) {
+  mp.FS.writeFile("/frys/core_checks.py", readFileSync(join(root, "tests", "core_checks.py"), "utf8"));
+} else {
+  const module = basename(script, ".py");
+  mp.FS.writeFile(`/frys/${module}.py`, readFileSync(resolve(script), "utf8"));
+  driver = exampleDriver(module);
+}
 
 let crashed = null;
 try {
-  mp.runPython(DRIVER);
+  mp.runPython(driver);
 } catch (error) {
   crashed = error;
 }
 process.stdout.write(output.map((line) => line + "\n").join(""));
 if (crashed !== null) {
-  process.stdout.write(`ERROR the checks could not run: ${crashed.message}\n`);
+  process.stdout.write(`ERROR ${script ?? "the checks"} could not run: ${crashed.message}\n`);
   process.exit(2);
 }
 process.exit(output.some((line) => line.startsWith("FAIL ")) ? 1 : 0);
