@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -816,15 +817,43 @@ def _vector_parsers(sub: Any) -> None:
         help="create an empty vector collection",
         description="Create a collection of vectors of dimension D. Metric: cosine "
         "(default), dot or l2. Dtype: float32 (default) or int8 (4x less memory, "
-        "quantised with a scale per vector).\n\nexample:\n"
-        "  frys vector create default --dim 256 --metric cosine",
+        "quantised with a scale per vector). Index: exact (default) searches every vector; "
+        "hnsw also keeps an HNSW graph (the hnsw extra: hnswlib) for fast approximate "
+        "search of large collections, built by `frys run` in the background or by "
+        "`frys vector index`, and saved in the data dir.\n\nexample:\n"
+        "  frys vector create default --dim 256 --metric cosine\n"
+        "  frys vector create big --dim 128 --index hnsw --m 16 --ef-search 64",
     )
     _config_flags(create)
     create.add_argument("name", metavar="NAME")
     create.add_argument("--dim", type=int, required=True, metavar="D", help="vector dimension")
     create.add_argument("--metric", choices=["cosine", "dot", "l2"], default="cosine")
     create.add_argument("--dtype", choices=["float32", "int8"], default="float32")
+    _index_flags(create)
     create.set_defaults(func=cmd_vector_create)
+
+    tune = vsub.add_parser(
+        "tune",
+        help="change a collection's index settings",
+        description="Change how a collection is searched. A new --ef-search applies at "
+        "once; a new --index, --m or --ef-construction means the graph is built again.\n\n"
+        "example:\n  frys vector tune big --ef-search 128\n  frys vector tune docs --index hnsw",
+    )
+    _config_flags(tune)
+    tune.add_argument("name", metavar="NAME")
+    _index_flags(tune)
+    tune.set_defaults(func=cmd_vector_tune)
+
+    build = vsub.add_parser(
+        "index",
+        help="build a collection's HNSW graph now and save it",
+        description="Build the HNSW graph of a collection created with --index hnsw and "
+        "save it in the data dir, printing progress; `frys run` then loads it instead of "
+        "building it. Run it while `frys run` is stopped.\n\nexample:\n  frys vector index big",
+    )
+    _config_flags(build)
+    build.add_argument("name", metavar="NAME")
+    build.set_defaults(func=cmd_vector_index)
 
     add = vsub.add_parser(
         "add",
@@ -846,9 +875,10 @@ def _vector_parsers(sub: Any) -> None:
     search = vsub.add_parser(
         "search",
         help="find the items nearest to a text or a vector",
-        description="Exact search, nearest first: score is cosine similarity, dot product, "
+        description="Search, nearest first: score is cosine similarity, dot product, "
         "or Euclidean distance for l2. --filter keeps items whose metadata has equal "
-        "fields.\n\nexample:\n"
+        "fields (always exact). A collection with a saved HNSW index is searched through "
+        "it, approximately; --exact searches every vector.\n\nexample:\n"
         '  frys vector search default --query "pump overheating" -k 5\n'
         "  frys vector search points --vector '[0.1, 0.2, 0.3]' --json",
     )
@@ -859,6 +889,9 @@ def _vector_parsers(sub: Any) -> None:
     what.add_argument("--vector", metavar="JSON", help="a JSON list of numbers")
     search.add_argument("-k", type=int, default=10, metavar="K", help="hits (default 10)")
     search.add_argument("--filter", metavar="JSON", help='metadata fields, e.g. {"kind": "x"}')
+    search.add_argument(
+        "--exact", action="store_true", help="search every vector even if an index is ready"
+    )
     search.add_argument("--json", action="store_true", help='print {"hits": [...]} as JSON')
     search.set_defaults(func=cmd_vector_search)
 
@@ -894,12 +927,77 @@ def _vector_parsers(sub: Any) -> None:
     drop.set_defaults(func=cmd_vector_drop)
 
 
+def _index_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", choices=["exact", "hnsw"], help="how to search (exact)")
+    parser.add_argument("--m", type=int, metavar="M", help="HNSW links per node (16)")
+    parser.add_argument(
+        "--ef-construction", type=int, metavar="EF", help="HNSW build candidates (200)"
+    )
+    parser.add_argument("--ef-search", type=int, metavar="EF", help="HNSW search candidates (64)")
+
+
+def _index_changes(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {"kind": args.index, "m": args.m, "ef_construction": args.ef_construction}
+    flags["ef_search"] = args.ef_search
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def _describe_index(options: Any) -> str:
+    if options.kind == "exact":
+        return "exact search"
+    graph = f"m={options.m} ef_construction={options.ef_construction}"
+    return f"hnsw {graph} ef_search={options.ef_search}"
+
+
 def cmd_vector_create(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from frys_edge.hnsw import IndexOptions
+    from frys_edge.vectors import VectorError, VectorStore
+
+    try:
+        options = msgspec.convert(_index_changes(args), IndexOptions)
+    except msgspec.ValidationError as e:
+        raise VectorError(f"collection {args.name}: bad index settings: {e}") from None
+    with _open_storage(args, readonly=False) as store:
+        info = VectorStore(store).create(args.name, args.dim, args.metric, args.dtype, options)
+    print(
+        f"created {info.name}: dim {info.dim}, {info.metric}, {info.dtype}, "
+        f"{_describe_index(info.index)}"
+    )
+    return EXIT_OK
+
+
+def cmd_vector_tune(args: argparse.Namespace) -> int:
     from frys_edge.vectors import VectorStore
 
+    changes = _index_changes(args)
+    if not changes:
+        print(
+            "frys: nothing to change; give --index, --m, --ef-construction or --ef-search",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     with _open_storage(args, readonly=False) as store:
-        info = VectorStore(store).create(args.name, args.dim, args.metric, args.dtype)
-    print(f"created {info.name}: dim {info.dim}, {info.metric}, {info.dtype}")
+        options = VectorStore(store).tune(args.name, **changes)
+    print(f"{args.name}: {_describe_index(options)}")
+    return EXIT_OK
+
+
+def cmd_vector_index(args: argparse.Namespace) -> int:
+    from frys_edge.vectors import VectorStore
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rindexing {args.name}: {done}/{total} items", end="", file=sys.stderr)
+
+    started = time.perf_counter()
+    with _open_storage(args, readonly=False) as store:
+        stats = VectorStore(store).build_index(args.name, progress)
+    print(file=sys.stderr)
+    print(
+        f"indexed {stats.count} items of {args.name} in {time.perf_counter() - started:.1f} s "
+        f"({stats.memory_bytes / 2**20:.0f} MiB in memory with the vectors)"
+    )
     return EXIT_OK
 
 
@@ -974,6 +1072,7 @@ def cmd_vector_search(args: argparse.Namespace) -> int:
             query=args.query,
             k=args.k,
             filter=parsed.get("filter"),
+            exact=args.exact,
         )
     if args.json:
         print(json.dumps({"hits": [hit_document(hit) for hit in hits]}, indent=2))
@@ -994,7 +1093,10 @@ def cmd_vector_list(args: argparse.Namespace) -> int:
         print(json.dumps(msgspec.to_builtins(infos), indent=2))
         return EXIT_OK
     for info in infos:
-        print(f"{info.name}  dim {info.dim}  {info.metric}  {info.dtype}  {info.count} items")
+        print(
+            f"{info.name}  dim {info.dim}  {info.metric}  {info.dtype}  {info.count} items  "
+            f"{_describe_index(info.index)}"
+        )
     return EXIT_OK
 
 

@@ -294,7 +294,7 @@ class Runtime:
         self.health.set("storage", "starting")
         self.storage = await anyio.to_thread.run_sync(self._open_storage)
         self.health.set("storage", "ok")
-        self.vectors = VectorStore(self.storage)
+        self.vectors = VectorStore(self.storage, build=True)
         # Loading a large collection takes a while: do it now, off the event loop.
         await anyio.to_thread.run_sync(self._load_vectors, self.vectors)
         anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
@@ -502,6 +502,9 @@ class Runtime:
             if self._alarm is not None:
                 self._alarm.cancel()
                 self._alarm = None
+            if self.vectors is not None:
+                # saves HNSW graphs changed since they were saved, so the next start loads them
+                self.vectors.close()
             if self.storage is not None:
                 self.storage.close()
                 self.storage = None

@@ -120,12 +120,19 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (collection, id)
     ) WITHOUT ROWID;
     """,
+    # A collection's index settings (JSON), and a counter bumped by every write to its items
+    # in the same transaction, so a saved index file can tell whether it is stale.
+    """
+    ALTER TABLE vector_collections ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE vector_collections ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 RUN_COLUMNS = (
     "id, workflow, status, definition, inputs, outputs, error, idempotency_key, parent_run,"
     " created_at, finished_at, deadline"
 )
 STEP_COLUMNS = "name, status, attempts, output, error, started_at, finished_at, wake_at"
+VECTOR_COLLECTION_COLUMNS = "name, dim, metric, dtype, created_at, options, version"
 UNFINISHED = ("running",)
 
 Sync = Literal["normal", "full"]
@@ -221,13 +228,16 @@ class StepRecord(msgspec.Struct, frozen=True):
 
 
 class VectorCollectionRecord(msgspec.Struct, frozen=True):
-    """One vector collection as stored: its name, dimension, metric and stored dtype."""
+    """One vector collection as stored: its name, dimension, metric, stored dtype, index
+    options, and `version`, which every committed write to its items increments."""
 
     name: str
     dim: int
     metric: str
     dtype: str
     created_at: float
+    options: dict[str, Any]
+    version: int
 
 
 class VectorRecord(msgspec.Struct, frozen=True):
@@ -251,6 +261,11 @@ def _step_record(row: Sequence[Any]) -> StepRecord:
 
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
+
+
+def _vector_collection_record(row: Sequence[Any]) -> VectorCollectionRecord:
+    name, dim, metric, dtype, created_at, options, version = row
+    return VectorCollectionRecord(name, dim, metric, dtype, created_at, _decode(options), version)
 
 
 def encode_value(value: Any, where: str) -> str:
@@ -634,16 +649,16 @@ class Storage:
 
     def vector_collection(self, name: str) -> VectorCollectionRecord | None:
         """The vector collection with this name, or None."""
-        sql = "SELECT name, dim, metric, dtype, created_at FROM vector_collections WHERE name = ?"
+        sql = f"SELECT {VECTOR_COLLECTION_COLUMNS} FROM vector_collections WHERE name = ?"
         with self._reader("reading a vector collection") as conn:
             row = conn.execute(sql, (name,)).fetchone()
-        return None if row is None else VectorCollectionRecord(*row)
+        return None if row is None else _vector_collection_record(row)
 
     def vector_collections(self) -> list[VectorCollectionRecord]:
         """Every vector collection, by name."""
-        sql = "SELECT name, dim, metric, dtype, created_at FROM vector_collections ORDER BY name"
+        sql = f"SELECT {VECTOR_COLLECTION_COLUMNS} FROM vector_collections ORDER BY name"
         with self._reader("listing vector collections") as conn:
-            return [VectorCollectionRecord(*row) for row in conn.execute(sql).fetchall()]
+            return [_vector_collection_record(row) for row in conn.execute(sql).fetchall()]
 
     def vector_count(self, collection: str) -> int:
         """How many items a vector collection holds."""
@@ -754,21 +769,25 @@ class Storage:
             return w.execute("DELETE FROM events WHERE seq <= ?", (op[1],)).rowcount
         if kind == "vcol_new":
             row = w.execute(
-                "INSERT INTO vector_collections (name, dim, metric, dtype, created_at)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING name",
-                op[1:6],
+                "INSERT INTO vector_collections (name, dim, metric, dtype, created_at, options)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING name",
+                op[1:7],
             ).fetchone()
             return row is not None
+        if kind == "vcol_options":
+            return (
+                w.execute(
+                    "UPDATE vector_collections SET options = ? WHERE name = ?", (op[2], op[1])
+                ).rowcount
+                > 0
+            )
         if kind == "vcol_drop":
             w.execute("DELETE FROM vectors WHERE collection = ?", (op[1],))
             return w.execute("DELETE FROM vector_collections WHERE name = ?", (op[1],)).rowcount > 0
         if kind == "vput":
             # A missing collection is this op's result, not an error: raising would roll back
             # the other callers' ops sharing the group commit.
-            known = w.execute(
-                "SELECT 1 FROM vector_collections WHERE name = ?", (op[1],)
-            ).fetchone()
-            if known is None:
+            if not Storage._bump_vector_version(w, op[1]):
                 return None
             w.executemany(
                 "INSERT OR REPLACE INTO vectors (collection, id, vector, scale, metadata,"
@@ -777,11 +796,18 @@ class Storage:
             )
             return len(op[2])
         if kind == "vdel":
+            Storage._bump_vector_version(w, op[1])
             return w.executemany(
                 "DELETE FROM vectors WHERE collection = ? AND id = ?",
                 [(op[1], item) for item in op[2]],
             ).rowcount
         raise StorageError(f"unknown storage operation {kind!r}")
+
+    @staticmethod
+    def _bump_vector_version(w: sqlite3.Connection, collection: str) -> bool:
+        """Count one more write to the collection's items; False if it does not exist."""
+        sql = "UPDATE vector_collections SET version = version + 1 WHERE name = ?"
+        return w.execute(sql, (collection,)).rowcount > 0
 
     @staticmethod
     def _new_run(w: sqlite3.Connection, op: Op) -> tuple[bool, str]:
@@ -1006,11 +1032,20 @@ class Storage:
         )
         await self._submit(op)
 
-    def create_vector_collection(self, name: str, dim: int, metric: str, dtype: str) -> bool:
+    def create_vector_collection(
+        self, name: str, dim: int, metric: str, dtype: str, options: dict[str, Any]
+    ) -> bool:
         """Store a new vector collection (committed on return); False if the name is taken."""
         _check_name("vector collection name", name)
-        result = self.write([("vcol_new", name, dim, metric, dtype, time.time())])
+        encoded = encode_value(options, f"options of vector collection {name}")
+        result = self.write([("vcol_new", name, dim, metric, dtype, time.time(), encoded)])
         return bool(result[0])
+
+    def set_vector_options(self, name: str, options: dict[str, Any]) -> bool:
+        """Replace a vector collection's index options; False if it does not exist."""
+        _check_name("vector collection name", name)
+        encoded = encode_value(options, f"options of vector collection {name}")
+        return bool(self.write([("vcol_options", name, encoded)])[0])
 
     def drop_vector_collection(self, name: str) -> bool:
         """Delete a vector collection and all its items in one transaction; whether it existed."""

@@ -1,10 +1,12 @@
-"""Vectors: durable collections of items with vectors, searched exactly by similarity.
+"""Vectors: durable collections of items with vectors, searched by similarity.
 
 Items live in storage (SQLite) like every other durable value; this module keeps one
 in-memory matrix per collection, loaded lazily from storage and updated on every write, so a
-committed write is visible to the next search. Search is exact: with numpy when it is
-importable, else in pure Python with the same answers, more slowly. It speaks no SQL; the
-workflow actions at the end reach it as `ctx.rt.vectors`.
+committed write is visible to the next search. Search is exact by default: with numpy when it
+is importable, else in pure Python with the same answers, more slowly. A collection created
+with `IndexOptions(kind="hnsw")` is also searched through an HNSW graph (hnsw.py) once its
+graph is loaded or built; filtered searches stay exact. It speaks no SQL; the workflow
+actions at the end reach it as `ctx.rt.vectors`.
 
 Scores: cosine similarity and dot product rank highest first; `l2` is the Euclidean distance
 and ranks lowest first. Hits are always ordered nearest first.
@@ -15,21 +17,26 @@ from __future__ import annotations
 import abc
 import heapq
 import importlib.util
+import logging
 import math
 import operator
+import os
 import re
 import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from hashlib import blake2b
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from frys_edge import hnsw
 from frys_edge.core import FrysError
+from frys_edge.hnsw import HAVE_HNSWLIB, Graph, IndexBuildStopped, IndexOptions, IndexStamp
 from frys_edge.storage import Storage, StorageError, VectorCollectionRecord, VectorRecord
 
 # numpy is imported where it is used, not here: `frys run` without vector collections should
@@ -40,6 +47,8 @@ HAVE_NUMPY = importlib.util.find_spec("numpy") is not None
 if TYPE_CHECKING:
     from frys_edge.actions import Action, ActionContext
     from frys_edge.metrics import Metrics
+
+log = logging.getLogger("frys.vectors")
 
 METRICS = ("cosine", "dot", "l2")
 DTYPES = ("float32", "int8")
@@ -85,10 +94,15 @@ class CollectionInfo(msgspec.Struct, frozen=True):
     dtype: str
     count: int
     created_at: float
+    index: IndexOptions
 
 
 class CollectionStats(msgspec.Struct, frozen=True):
-    """A loaded collection: its settings, size, search backend and searches since start."""
+    """A loaded collection: its settings, size, search backend and searches since start.
+
+    backend: what an unfiltered search uses now (hnsw, numpy or python); index_state: for an
+    hnsw collection, ready, building, not built, or unavailable without hnswlib.
+    """
 
     name: str
     dim: int
@@ -98,6 +112,9 @@ class CollectionStats(msgspec.Struct, frozen=True):
     backend: str
     memory_bytes: int
     searches: int
+    index: IndexOptions
+    index_state: str
+    index_builds: int
 
 
 class Hit(msgspec.Struct, frozen=True):
@@ -178,6 +195,29 @@ def _spec(record: VectorCollectionRecord) -> _Spec:
     return _Spec(record.name, record.dim, record.metric, record.dtype, record.created_at)
 
 
+def _options(name: str, raw: Mapping[str, Any]) -> IndexOptions:
+    try:
+        return msgspec.convert(raw, IndexOptions)
+    except msgspec.ValidationError as e:
+        raise VectorError(
+            f"collection {name}: bad index options: {e}; kind is exact or hnsw, m 4 to 96, "
+            "ef_construction 8 to 4096, ef_search 1 to 8192"
+        ) from None
+
+
+def _same_graph(a: IndexOptions, b: IndexOptions) -> bool:
+    """Whether a graph built with options a serves options b (only ef_search differs)."""
+    return (a.kind, a.m, a.ef_construction) == (b.kind, b.m, b.ef_construction)
+
+
+def _require_hnswlib(name: str) -> None:
+    if not HAVE_HNSWLIB:
+        raise VectorError(
+            f"collection {name}: an HNSW index needs hnswlib and numpy; "
+            "pip install 'frys-edge[hnsw]'"
+        )
+
+
 def _bad_value(value: float, position: int) -> str:
     return (
         f"vector[{position}] is {value!r}, outside the float32 range; give finite numbers"
@@ -255,13 +295,19 @@ class _Index(abc.ABC):
 
     backend = ""
 
-    def __init__(self, spec: _Spec) -> None:
+    def __init__(self, spec: _Spec, options: IndexOptions) -> None:
 
         self.spec = spec
+        self.options = options
         self.ids: list[str] = []
         self.pos: dict[str, int] = {}
         self.metadata: list[dict[str, Any]] = []
         self.searches = 0
+        # The HNSW graph, once loaded or built; while one is built, writes are queued in
+        # `pending` as ("put", ids, float32 rows) or ("remove", ids, None) to replay on it.
+        self.graph: Graph | None = None
+        self.pending: list[tuple[str, list[str], Any]] | None = None
+        self.writing = 0  # writes committed or in flight, not yet applied here
 
     def put(self, records: Sequence[VectorRecord]) -> None:
         """Insert or replace records; the last of two with one id wins, as in storage."""
@@ -336,10 +382,10 @@ class _NumpyIndex(_Index):
 
     backend = "numpy"
 
-    def __init__(self, spec: _Spec) -> None:
+    def __init__(self, spec: _Spec, options: IndexOptions) -> None:
         import numpy as np
 
-        super().__init__(spec)
+        super().__init__(spec, options)
         self.dtype = np.dtype("<f4") if spec.dtype == "float32" else np.dtype("i1")
         self.n = 0
         self.matrix: Any = np.empty((0, spec.dim), self.dtype)
@@ -352,6 +398,24 @@ class _NumpyIndex(_Index):
         import numpy as np
 
         return np.frombuffer(b"".join(blobs), self.dtype).reshape(len(blobs), self.spec.dim)
+
+    def floats(self, start: int, stop: int) -> Any:
+        """Rows start..stop as a float32 copy (int8 rows times their scales)."""
+        import numpy as np
+
+        rows = self.matrix[start:stop].astype(np.float32)
+        if self.spec.dtype == "int8":
+            rows *= self.scales[start:stop, None]
+        return rows
+
+    def floats_of(self, records: Sequence[VectorRecord]) -> Any:
+        """Records' vectors as float32 rows, as floats() gives stored rows."""
+        import numpy as np
+
+        rows = self._decode([r.vector for r in records]).astype(np.float32)
+        if self.spec.dtype == "int8":
+            rows *= np.array([r.scale for r in records], np.float32)[:, None]
+        return rows
 
     def _fill(self, start: int, rows: Any, scales: Any) -> None:
         import numpy as np
@@ -443,9 +507,9 @@ class _PythonIndex(_Index):
 
     backend = "python"
 
-    def __init__(self, spec: _Spec) -> None:
+    def __init__(self, spec: _Spec, options: IndexOptions) -> None:
 
-        super().__init__(spec)
+        super().__init__(spec, options)
         self.code = "f" if spec.dtype == "float32" else "b"
         self.rows: list[array[Any]] = []
         self.scales: list[float] = []
@@ -500,23 +564,44 @@ class _PythonIndex(_Index):
 
 
 class VectorStore:
-    """Durable vector collections with exact search; writes go to storage, then to memory.
+    """Durable vector collections with exact or HNSW search; writes go to storage, then to
+    memory.
 
     `use_numpy`: None picks numpy when importable; False forces the pure-Python path.
-    Methods are safe to call from several threads.
+    `index_dir`: where HNSW graphs are saved (default: `vectors/` in the data dir).
+    `build`: build a missing or stale graph in a background thread when a collection loads
+    (the runtime does); otherwise such a collection is searched exactly until
+    `build_index()` is called. Methods are safe to call from several threads.
     """
 
-    def __init__(self, storage: Storage, *, use_numpy: bool | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        use_numpy: bool | None = None,
+        index_dir: Path | None = None,
+        build: bool = False,
+    ) -> None:
         if use_numpy and not HAVE_NUMPY:
             raise VectorError("use_numpy=True but numpy is not installed; pip install numpy")
         self.storage = storage
         self.use_numpy = HAVE_NUMPY if use_numpy is None else use_numpy
+        self.index_dir = storage.data_dir / "vectors" if index_dir is None else index_dir
+        self.build = build
         self._indexes: dict[str, _Index] = {}
         self.loads = 0  # collections loaded (or reloaded) from storage into memory
+        self.index_builds = 0  # HNSW graphs built (not loaded from their file)
         self._lock = threading.RLock()
+        self._builders: dict[str, threading.Thread] = {}
+        self._stopping = threading.Event()
 
     def create(
-        self, name: str, dim: int, metric: str = "cosine", dtype: str = "float32"
+        self,
+        name: str,
+        dim: int,
+        metric: str = "cosine",
+        dtype: str = "float32",
+        index: IndexOptions | None = None,
     ) -> CollectionInfo:
         """Create an empty collection; VectorError if the name is taken or a setting is bad."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -530,8 +615,11 @@ class VectorStore:
             raise VectorError(f"collection {name}: metric must be one of {', '.join(METRICS)}")
         if dtype not in DTYPES:
             raise VectorError(f"collection {name}: dtype must be one of {', '.join(DTYPES)}")
+        options = _options(name, msgspec.to_builtins(index or IndexOptions()))
         with self._lock:
-            if not self.storage.create_vector_collection(name, dim, metric, dtype):
+            if not self.storage.create_vector_collection(
+                name, dim, metric, dtype, msgspec.to_builtins(options)
+            ):
                 old = self._spec(name)
                 raise VectorError(
                     f"vector collection {name!r} already exists (dim {old.dim}, {old.metric}, "
@@ -540,19 +628,52 @@ class VectorStore:
             self._indexes.pop(name, None)
         return self.info(name)
 
+    def tune(self, name: str, **changes: Any) -> IndexOptions:
+        """Change a collection's index options (kind, m, ef_construction, ef_search).
+
+        A new ef_search applies at once; a new kind, m or ef_construction drops the graph,
+        which is built again (in the background with `build`, else by `build_index`).
+        """
+        with self._lock:
+            record = self.storage.vector_collection(name)
+            if record is None:
+                raise _unknown(name)
+            old = _options(name, record.options)
+            new = _options(name, {**record.options, **changes})
+            self.storage.set_vector_options(name, msgspec.to_builtins(new))
+            index = self._indexes.get(name)
+            if index is None:
+                return new
+            index.options = new
+            if index.graph is not None and new.kind == "hnsw" and _same_graph(old, new):
+                index.graph.set_ef(new.ef_search)
+                return new
+            index.graph = None
+        if new.kind == "hnsw":
+            self._attach(name)
+        return new
+
     def drop(self, name: str) -> None:
-        """Delete a collection and all its items."""
+        """Delete a collection, all its items and its saved graph."""
         with self._lock:
             if not self.storage.drop_vector_collection(name):
                 raise _unknown(name)
             self._indexes.pop(name, None)
+            for path in hnsw.paths(self.index_dir, name):
+                path.unlink(missing_ok=True)
 
     def info(self, name: str) -> CollectionInfo:
         """A collection's settings and item count."""
-        spec = self._spec(name)
         index = self._indexes.get(name)
-        count = len(index.ids) if index is not None else self.storage.vector_count(name)
-        return CollectionInfo(spec.name, spec.dim, spec.metric, spec.dtype, count, spec.created_at)
+        if index is not None:
+            spec, options, count = index.spec, index.options, len(index.ids)
+        else:
+            record = self._record(name)
+            spec, options = _spec(record), _options(name, record.options)
+            count = self.storage.vector_count(name)
+        return CollectionInfo(
+            spec.name, spec.dim, spec.metric, spec.dtype, count, spec.created_at, options
+        )
 
     def collections(self) -> list[CollectionInfo]:
         """Every collection, by name."""
@@ -563,15 +684,20 @@ class VectorStore:
         index = self._index(name)
         spec = index.spec
         with self._lock:
+            graph = index.graph
+            memory = index.memory_bytes() + (graph.memory_bytes() if graph is not None else 0)
             return CollectionStats(
                 spec.name,
                 spec.dim,
                 spec.metric,
                 spec.dtype,
                 len(index.ids),
-                index.backend,
-                index.memory_bytes(),
+                "hnsw" if graph is not None else index.backend,
+                memory,
                 index.searches,
+                index.options,
+                self._index_state(index),
+                self.index_builds,
             )
 
     async def upsert(self, name: str, items: Iterable[Mapping[str, Any]]) -> int:
@@ -582,13 +708,14 @@ class VectorStore:
         """
         spec = self._spec(name)
         records = self._prepare(spec, list(items))
+        index = self._begin_write(name)
         try:
             count = await self.storage.put_vectors(name, records)
             with self._lock:
-                index = self._indexes.get(name)
-                if index is not None:
+                if index is not None and self._indexes.get(name) is index:
                     if index.spec == spec:
                         index.put(records)
+                        self._graph_write(index, "put", [r.id for r in records], records)
                     else:  # dropped and created again meanwhile: reload on next use
                         del self._indexes[name]
         except BaseException as e:
@@ -598,11 +725,9 @@ class VectorStore:
             if isinstance(e, StorageError) and self.storage.vector_collection(name) is None:
                 raise _unknown(name) from e
             raise
+        finally:
+            self._end_write(index)
         return count
-
-    def _forget(self, name: str) -> None:
-        with self._lock:
-            self._indexes.pop(name, None)
 
     async def delete(self, name: str, ids: Iterable[str]) -> int:
         """Delete items by id; returns how many existed."""
@@ -611,15 +736,18 @@ class VectorStore:
         for item in wanted:
             if not isinstance(item, str) or not item:
                 raise VectorError(f"collection {name}: ids must be non-empty strings, got {item!r}")
+        index = self._begin_write(name)
         try:
             count = await self.storage.delete_vectors(name, wanted)
             with self._lock:
-                index = self._indexes.get(name)
-                if index is not None:
+                if index is not None and self._indexes.get(name) is index:
                     index.remove(wanted)
+                    self._graph_write(index, "remove", wanted, None)
         except BaseException:
             self._forget(name)
             raise
+        finally:
+            self._end_write(index)
         return count
 
     def search(
@@ -629,9 +757,14 @@ class VectorStore:
         query: str | None = None,
         k: int = 10,
         filter: Mapping[str, Any] | None = None,
+        exact: bool = False,
     ) -> list[Hit]:
         """The k items nearest to `vector`, or to the text `query` embedded with the
-        collection's dim, whose metadata equals `filter` field by field; nearest first."""
+        collection's dim, whose metadata equals `filter` field by field; nearest first.
+
+        Through the HNSW graph when the collection has one ready and there is no filter
+        (approximate: it may miss a true neighbour), else exactly; `exact` forces exact.
+        """
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise VectorError(f"search {name}: k must be an int from 1 to {MAX_K}, got {k!r}")
         if filter is not None and not isinstance(filter, Mapping):
@@ -653,24 +786,62 @@ class VectorStore:
             values = self._query_vector(spec, vector)
         with self._lock:
             index.searches += 1
+            if index.graph is not None and not filter and not exact:
+                import numpy as np
+
+                near = index.graph.search(np.asarray(values, dtype=np.float32), k)
+                if near is not None:
+                    at = [(index.pos[item], score) for item, score in near]
+                    return [Hit(index.ids[i], s, dict(index.metadata[i])) for i, s in at]
             rows = index.matching(filter) if filter else None
             if rows is not None and not rows:
                 return []
             found = index.top(values, k, rows)
             return [Hit(index.ids[i], score, dict(index.metadata[i])) for i, score in found]
 
+    def build_index(
+        self, name: str, progress: Callable[[int, int], None] | None = None
+    ) -> CollectionStats:
+        """Build a collection's HNSW graph now and save it; VectorError if it has none."""
+        index = self._index(name)
+        if index.options.kind != "hnsw":
+            raise VectorError(
+                f"collection {name} is searched exactly; give it an index first: "
+                f"`frys vector tune {name} --index hnsw`"
+            )
+        _require_hnswlib(name)
+        self._build(name, index, progress)
+        return self.stats(name)
+
+    def close(self) -> None:
+        """Stop background builds and save every graph changed since it was saved."""
+        self._stopping.set()
+        for thread in list(self._builders.values()):
+            thread.join()
+        with self._lock:
+            for name, index in self._indexes.items():
+                if index.graph is not None and index.graph.dirty:
+                    self._save(name, index)
+
     # -- internals ---------------------------------------------------------------------------
 
-    def _spec(self, name: str) -> _Spec:
-        index = self._indexes.get(name)
-        if index is not None:
-            return index.spec
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._indexes.pop(name, None)
+
+    def _record(self, name: str) -> VectorCollectionRecord:
         if not isinstance(name, str) or not name:
             raise VectorError(f"collection name must be a non-empty string, got {name!r}")
         record = self.storage.vector_collection(name)
         if record is None:
             raise _unknown(name)
-        return _spec(record)
+        return record
+
+    def _spec(self, name: str) -> _Spec:
+        index = self._indexes.get(name)
+        if index is not None:
+            return index.spec
+        return _spec(self._record(name))
 
     def _index(self, name: str) -> _Index:
         index = self._indexes.get(name)
@@ -680,16 +851,155 @@ class VectorStore:
             loaded = self._indexes.get(name)
             if loaded is not None:
                 return loaded
-            spec = self._spec(name)
+            record = self._record(name)
+            spec, options = _spec(record), _options(name, record.options)
             self.loads += 1
-            fresh = _NumpyIndex(spec) if self.use_numpy else _PythonIndex(spec)
+            cls = _NumpyIndex if self.use_numpy else _PythonIndex
+            fresh = cls(spec, options)
             fresh.reserve(self.storage.vector_count(name))
             after = ""
             while page := self.storage.vectors(name, after=after, limit=LOAD_PAGE):
                 fresh.put(page)
                 after = page[-1].id
             self._indexes[name] = fresh
-            return fresh
+        if options.kind == "hnsw":
+            self._attach(name)
+        return fresh
+
+    def _index_state(self, index: _Index) -> str:
+        if index.options.kind != "hnsw":
+            return "none"
+        if index.graph is not None:
+            return "ready"
+        if index.pending is not None:
+            return "building"
+        if not (HAVE_HNSWLIB and isinstance(index, _NumpyIndex)):
+            return "unavailable: install the hnsw extra (hnswlib and numpy)"
+        return "not built"
+
+    def _stamp(self, name: str, index: _Index) -> IndexStamp:
+        record = self._record(name)
+        return IndexStamp(
+            name,
+            record.created_at,
+            record.version,
+            record.dim,
+            record.metric,
+            index.options.m,
+            index.options.ef_construction,
+        )
+
+    def _attach(self, name: str) -> None:
+        """Load the collection's saved graph, or start building one when `build` is set."""
+        with self._lock:
+            index = self._indexes.get(name)
+            if index is None or index.graph is not None or index.pending is not None:
+                return
+            if not (HAVE_HNSWLIB and isinstance(index, _NumpyIndex)):
+                log.warning("collection %s: %s; searching exactly", name, self._index_state(index))
+                return
+            if index.writing == 0:
+                stamp = self._stamp(name, index)
+                found = Graph.load(self.index_dir, stamp, index.options, set(index.pos))
+                if isinstance(found, Graph):
+                    index.graph = found
+                    return
+                log.info("collection %s: not using its saved index: %s", name, found)
+            if not self.build or self._stopping.is_set():
+                return
+            index.pending = []
+            thread = threading.Thread(
+                target=self._build_in_background, args=(name, index), name=f"index {name}"
+            )
+            self._builders[name] = thread
+        thread.start()
+
+    def _build_in_background(self, name: str, index: _Index) -> None:
+        try:
+            self._build(name, index, None)
+        except IndexBuildStopped as e:
+            log.info("collection %s: %s; it is built again at the next start", name, e)
+        except Exception:
+            log.exception("collection %s: building its index failed; searching exactly", name)
+        finally:
+            with self._lock:
+                index.pending = None
+                self._builders.pop(name, None)
+
+    def _build(self, name: str, index: _Index, progress: Callable[[int, int], None] | None) -> None:
+        assert isinstance(index, _NumpyIndex)
+        with self._lock:
+            if index.pending is None:
+                index.pending = []
+            ids, rows = list(index.ids), index.floats(0, len(index.ids))
+            options = index.options
+        started = time.perf_counter()
+        graph = hnsw.build(
+            index.spec.dim,
+            index.spec.metric,
+            options,
+            ids,
+            rows,
+            threads=os.cpu_count() or 1,
+            progress=progress,
+            stop=self._stopping.is_set,
+        )
+        with self._lock:
+            for kind, changed, changed_rows in index.pending or ():
+                if kind == "put":
+                    graph.add(changed, changed_rows)
+                else:
+                    graph.remove(changed)
+            index.pending = None
+            if self._indexes.get(name) is not index or index.options != options:
+                return  # dropped, reloaded or retuned meanwhile: this graph is of no use
+            index.graph = graph
+            self.index_builds += 1
+            self._save(name, index)
+        log.info(
+            "collection %s: built its HNSW index of %d items in %.1f s",
+            name,
+            len(ids),
+            time.perf_counter() - started,
+        )
+
+    def _save(self, name: str, index: _Index) -> None:
+        """Save the graph unless a write is between storage and memory (its stamp would lie)."""
+        if index.graph is None or index.writing:
+            return
+        try:
+            index.graph.save(self.index_dir, self._stamp(name, index))
+        except OSError as e:
+            log.warning("collection %s: could not save its index (%s); it is rebuilt", name, e)
+
+    def _begin_write(self, name: str) -> _Index | None:
+        with self._lock:
+            index = self._indexes.get(name)
+            if index is not None:
+                index.writing += 1
+            return index
+
+    def _end_write(self, index: _Index | None) -> None:
+        if index is not None:
+            with self._lock:
+                index.writing -= 1
+
+    @staticmethod
+    def _graph_write(
+        index: _Index, kind: str, ids: list[str], records: Sequence[VectorRecord] | None
+    ) -> None:
+        """Apply a committed write to the graph, or queue it for the graph being built."""
+        if index.graph is None and index.pending is None:
+            return
+        assert isinstance(index, _NumpyIndex)
+        rows = index.floats_of(records) if records is not None else None
+        if index.pending is not None:
+            index.pending.append((kind, ids, rows))
+        elif index.graph is not None:
+            if kind == "put":
+                index.graph.add(ids, rows)
+            else:
+                index.graph.remove(ids)
 
     def _query_vector(self, spec: _Spec, vector: Any) -> list[float]:
         if hasattr(vector, "tolist"):  # a numpy array, without importing numpy to ask

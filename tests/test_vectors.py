@@ -467,6 +467,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
             "dtype": "int8",
             "count": 3,
             "created_at": pytest.approx(json.loads(result.stdout)[0]["created_at"]),
+            "index": {"kind": "exact", "m": 16, "ef_construction": 200, "ef_search": 64},
         }
     ]
     result = frys("vector", "stats", "docs", "--json", *d)
@@ -515,7 +516,7 @@ def test_cli_failures_exit_1_with_the_fix(tmp_path: Path) -> None:
 
 
 def test_every_vector_command_has_help_with_an_example() -> None:
-    for action in ("create", "add", "search", "list", "stats", "drop"):
+    for action in ("create", "tune", "index", "add", "search", "list", "stats", "drop"):
         result = frys("vector", action, "--help")
         assert result.returncode == 0, action
         assert "example:" in result.stdout, action
