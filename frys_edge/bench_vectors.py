@@ -83,7 +83,8 @@ def _paired_medians(
     for q in queries[:warmup]:
         ours(q)
         floor(q)
-    mine, bare = [], []
+    mine: list[float] = []
+    bare: list[float] = []
     for i, q in enumerate(queries):
         first, second = (floor, ours) if i % 2 else (ours, floor)
         t0 = time.perf_counter()

@@ -820,8 +820,13 @@ def _vector_parsers(sub: Any) -> None:
         "quantised with a scale per vector). Index: exact (default) searches every vector; "
         "hnsw also keeps an HNSW graph (the hnsw extra: hnswlib) for fast approximate "
         "search of large collections, built by `frys run` in the background or by "
-        "`frys vector index`, and saved in the data dir.\n\nexample:\n"
+        "`frys vector index`, and saved in the data dir. Embedder: what turns texts into "
+        "vectors, fixed at creation: lexical (built in: hashed words and 3-grams) or a name "
+        "a native plugin registers with rt.vectors.register_embedder; texts for such a "
+        "collection go through `frys run` (workflows, the API), where the plugin is loaded."
+        "\n\nexample:\n"
         "  frys vector create default --dim 256 --metric cosine\n"
+        "  frys vector create docs --dim 384 --embedder minilm\n"
         "  frys vector create big --dim 128 --index hnsw --m 16 --ef-search 64",
     )
     _config_flags(create)
@@ -829,6 +834,12 @@ def _vector_parsers(sub: Any) -> None:
     create.add_argument("--dim", type=int, required=True, metavar="D", help="vector dimension")
     create.add_argument("--metric", choices=["cosine", "dot", "l2"], default="cosine")
     create.add_argument("--dtype", choices=["float32", "int8"], default="float32")
+    create.add_argument(
+        "--embedder",
+        default="lexical",
+        metavar="NAME",
+        help="what embeds texts: lexical (built in, default) or one a plugin registers",
+    )
     _index_flags(create)
     create.set_defaults(func=cmd_vector_create)
 
@@ -960,10 +971,12 @@ def cmd_vector_create(args: argparse.Namespace) -> int:
     except msgspec.ValidationError as e:
         raise VectorError(f"collection {args.name}: bad index settings: {e}") from None
     with _open_storage(args, readonly=False) as store:
-        info = VectorStore(store).create(args.name, args.dim, args.metric, args.dtype, options)
+        info = VectorStore(store).create(
+            args.name, args.dim, args.metric, args.dtype, options, args.embedder
+        )
     print(
         f"created {info.name}: dim {info.dim}, {info.metric}, {info.dtype}, "
-        f"{_describe_index(info.index)}"
+        f"{_describe_index(info.index)}, texts embedded by {info.embedder}"
     )
     return EXIT_OK
 

@@ -50,10 +50,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("frys.vectors")
 
+# What turns a text into a vector: embedder(text, dim) -> dim numbers.
+Embedder = Callable[[str, int], Sequence[float]]
+
 METRICS = ("cosine", "dot", "l2")
 DTYPES = ("float32", "int8")
 DEFAULT_COLLECTION = "default"
 DEFAULT_TEXT_DIM = 256
+LEXICAL = "lexical"  # the built-in embedder, embed_text
 MAX_DIM = 4096
 MAX_K = 1000
 MAX_ITEMS_PER_UPSERT = 1_000_000
@@ -95,6 +99,7 @@ class CollectionInfo(msgspec.Struct, frozen=True):
     count: int
     created_at: float
     index: IndexOptions
+    embedder: str
 
 
 class CollectionStats(msgspec.Struct, frozen=True):
@@ -189,20 +194,30 @@ class _Spec(msgspec.Struct, frozen=True):
     metric: str
     dtype: str
     created_at: float
+    embedder: str
 
 
-def _spec(record: VectorCollectionRecord) -> _Spec:
-    return _Spec(record.name, record.dim, record.metric, record.dtype, record.created_at)
+class _Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A collection's stored options: how it is searched, and what embeds its texts (fixed
+    at creation: vectors already stored came from it)."""
+
+    index: IndexOptions = IndexOptions()
+    embedder: str = LEXICAL
 
 
-def _options(name: str, raw: Mapping[str, Any]) -> IndexOptions:
+def _options(name: str, raw: Mapping[str, Any]) -> _Options:
     try:
-        return msgspec.convert(raw, IndexOptions)
+        return msgspec.convert(raw, _Options)
     except msgspec.ValidationError as e:
         raise VectorError(
             f"collection {name}: bad index options: {e}; kind is exact or hnsw, m 4 to 96, "
             "ef_construction 8 to 4096, ef_search 1 to 8192"
         ) from None
+
+
+def _spec(record: VectorCollectionRecord) -> _Spec:
+    embedder = _options(record.name, record.options).embedder
+    return _Spec(record.name, record.dim, record.metric, record.dtype, record.created_at, embedder)
 
 
 def _same_graph(a: IndexOptions, b: IndexOptions) -> bool:
@@ -594,6 +609,19 @@ class VectorStore:
         self._lock = threading.RLock()
         self._builders: dict[str, threading.Thread] = {}
         self._stopping = threading.Event()
+        self.embedders: dict[str, Embedder] = {LEXICAL: embed_text}
+
+    def register_embedder(self, name: str, embedder: Embedder) -> None:
+        """Let collections created with `embedder=name` embed texts with embedder(text, dim),
+        which returns dim numbers (a list or a numpy array). A plugin calls this in init."""
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name == LEXICAL:
+            raise VectorError(
+                f"bad embedder name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
+                f"other than {LEXICAL!r}"
+            )
+        if not callable(embedder):
+            raise VectorError(f"embedder {name}: expected a function (text, dim) -> vector")
+        self.embedders[name] = embedder
 
     def create(
         self,
@@ -602,8 +630,13 @@ class VectorStore:
         metric: str = "cosine",
         dtype: str = "float32",
         index: IndexOptions | None = None,
+        embedder: str = LEXICAL,
     ) -> CollectionInfo:
-        """Create an empty collection; VectorError if the name is taken or a setting is bad."""
+        """Create an empty collection; VectorError if the name is taken or a setting is bad.
+
+        `embedder` names what turns the texts of items and queries into vectors: `lexical`
+        (embed_text) or one given to register_embedder (by a plugin, say) before texts come.
+        """
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise VectorError(
                 f"bad collection name {name!r}: use 1 to 64 letters, digits, '_', '.' or '-', "
@@ -615,7 +648,9 @@ class VectorStore:
             raise VectorError(f"collection {name}: metric must be one of {', '.join(METRICS)}")
         if dtype not in DTYPES:
             raise VectorError(f"collection {name}: dtype must be one of {', '.join(DTYPES)}")
-        options = _options(name, msgspec.to_builtins(index or IndexOptions()))
+        if not isinstance(embedder, str) or not _NAME.fullmatch(embedder):
+            raise VectorError(f"collection {name}: bad embedder name {embedder!r}")
+        options = _Options(index or IndexOptions(), embedder)
         with self._lock:
             if not self.storage.create_vector_collection(
                 name, dim, metric, dtype, msgspec.to_builtins(options)
@@ -638,9 +673,12 @@ class VectorStore:
             record = self.storage.vector_collection(name)
             if record is None:
                 raise _unknown(name)
-            old = _options(name, record.options)
-            new = _options(name, {**record.options, **changes})
-            self.storage.set_vector_options(name, msgspec.to_builtins(new))
+            stored = _options(name, record.options)
+            old = stored.index
+            raw = {**msgspec.to_builtins(old), **changes}
+            new = _options(name, {"index": raw}).index
+            updated = msgspec.structs.replace(stored, index=new)
+            self.storage.set_vector_options(name, msgspec.to_builtins(updated))
             index = self._indexes.get(name)
             if index is None:
                 return new
@@ -669,10 +707,17 @@ class VectorStore:
             spec, options, count = index.spec, index.options, len(index.ids)
         else:
             record = self._record(name)
-            spec, options = _spec(record), _options(name, record.options)
+            spec, options = _spec(record), _options(name, record.options).index
             count = self.storage.vector_count(name)
         return CollectionInfo(
-            spec.name, spec.dim, spec.metric, spec.dtype, count, spec.created_at, options
+            spec.name,
+            spec.dim,
+            spec.metric,
+            spec.dtype,
+            count,
+            spec.created_at,
+            options,
+            spec.embedder,
         )
 
     def collections(self) -> list[CollectionInfo]:
@@ -781,7 +826,7 @@ class VectorStore:
                 raise VectorError(
                     f"search {name}: query must be a string of at most {MAX_TEXT_CHARS} chars"
                 )
-            values = embed_text(query, spec.dim)
+            values = self._query_vector(spec, self._embed(spec, query))
         else:
             values = self._query_vector(spec, vector)
         with self._lock:
@@ -852,7 +897,7 @@ class VectorStore:
             if loaded is not None:
                 return loaded
             record = self._record(name)
-            spec, options = _spec(record), _options(name, record.options)
+            spec, options = _spec(record), _options(name, record.options).index
             self.loads += 1
             cls = _NumpyIndex if self.use_numpy else _PythonIndex
             fresh = cls(spec, options)
@@ -1001,6 +1046,34 @@ class VectorStore:
             else:
                 index.graph.remove(ids)
 
+    def _embed(self, spec: _Spec, text: str) -> list[float]:
+        """The collection's embedder applied to text, checked to be spec.dim numbers."""
+        embedder = self.embedders.get(spec.embedder)
+        if embedder is None:
+            known = ", ".join(sorted(self.embedders))
+            raise VectorError(
+                f"collection {spec.name} embeds texts with {spec.embedder!r}, which is not "
+                f"registered here (registered: {known}); load the plugin that registers it "
+                "(`frys run` with it in [plugins] native), or give vectors instead of text"
+            )
+        try:
+            vector = embedder(text, spec.dim)
+            if hasattr(vector, "tolist"):  # a numpy array, without importing numpy to ask
+                vector = vector.tolist()
+            values = msgspec.convert(vector, list[float])
+        except VectorError:
+            raise
+        except msgspec.ValidationError as e:
+            raise VectorError(f"embedder {spec.embedder} returned no list of numbers: {e}") from e
+        except Exception as e:
+            raise VectorError(f"embedder {spec.embedder} failed on {text[:40]!r}: {e!r}") from e
+        if len(values) != spec.dim:
+            raise VectorError(
+                f"embedder {spec.embedder} returned {len(values)} numbers for collection "
+                f"{spec.name} of dim {spec.dim}"
+            )
+        return values
+
     def _query_vector(self, spec: _Spec, vector: Any) -> list[float]:
         if hasattr(vector, "tolist"):  # a numpy array, without importing numpy to ask
             vector = vector.tolist()
@@ -1009,7 +1082,9 @@ class VectorStore:
         except msgspec.ValidationError as e:
             raise VectorError(f"search {spec.name}: vector must be a list of numbers: {e}") from e
         try:
-            _encode_python([values], _Spec(spec.name, spec.dim, "dot", "float32", 0.0))
+            _encode_python(
+                [values], _Spec(spec.name, spec.dim, "dot", "float32", 0.0, spec.embedder)
+            )
         except _BadVector as e:
             raise VectorError(f"search {spec.name}: {e.reason}") from None
         if spec.metric == "cosine":
@@ -1041,7 +1116,7 @@ class VectorStore:
                 vector = item.vector
                 if vector is None:
                     assert item.text is not None
-                    vector = embed_text(item.text, spec.dim)
+                    vector = self._embed(spec, item.text)
             except (msgspec.ValidationError, msgspec.EncodeError, ValueError, VectorError) as e:
                 raise self._bad_item(spec, raw, i, str(e)) from None
             items.append(item)

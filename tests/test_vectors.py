@@ -424,6 +424,104 @@ def test_actions_without_a_vector_store_say_so() -> None:
         anyio.run(VECTOR_ACTIONS["vector_search"], ctx, {"query": "x"})
 
 
+# -- embedders -----------------------------------------------------------------------------
+
+TOY_EMBEDDER = """
+WARM = {"hot", "warm", "overheating"}
+COLD = {"cold", "chilly", "frozen"}
+
+
+def toy(text, dim):
+    words = set(text.lower().split())
+    return [float(len(words & WARM)) + 0.01, float(len(words & COLD)) + 0.01] + [0.0] * (dim - 2)
+
+
+def init(rt):
+    rt.vectors.register_embedder("toy", toy)
+"""
+
+
+def toy_store(storage: Storage) -> VectorStore:
+    namespace: dict[str, Any] = {}
+    exec(TOY_EMBEDDER, namespace)
+    store = VectorStore(storage)
+    store.register_embedder("toy", namespace["toy"])
+    return store
+
+
+def test_a_registered_embedder_embeds_items_and_queries(storage: Storage) -> None:
+    store = toy_store(storage)
+    info = store.create("temps", 4, embedder="toy")
+    assert info.embedder == "toy"
+    upsert(
+        store,
+        "temps",
+        [{"id": "a", "text": "boiler overheating"}, {"id": "b", "text": "pipe frozen"}],
+    )
+    # the lexical embedder shares no word between "warm" and "boiler overheating"
+    hit = store.search("temps", query="warm", k=1)[0]
+    assert (hit.id, hit.score) == ("a", pytest.approx(1.0))  # the toy vectors are parallel
+    assert store.search("temps", query="chilly", k=1)[0].id == "b"
+    assert store.info("temps").embedder == "toy"
+
+
+def test_an_unregistered_or_broken_embedder_is_a_clear_error(storage: Storage) -> None:
+    store = toy_store(storage)
+    store.create("temps", 4, embedder="toy")
+    plain = VectorStore(storage)  # no plugin registered "toy" here
+    with pytest.raises(VectorError, match=r"embeds texts with 'toy'.*registered: lexical"):
+        upsert(plain, "temps", [{"id": "a", "text": "hot"}])
+    with pytest.raises(VectorError, match="registered: lexical"):
+        plain.search("temps", query="hot")
+    assert storage.vector_count("temps") == 0
+    store.register_embedder("toy", lambda text, dim: [1.0] * (dim + 1))
+    with pytest.raises(
+        VectorError, match=r"item 0 .*returned 5 numbers for collection temps of dim 4"
+    ):
+        upsert(store, "temps", [{"id": "a", "text": "hot"}])
+    store.register_embedder("toy", lambda text, dim: 1 / 0)
+    with pytest.raises(VectorError, match=r"embedder toy failed on 'hot': ZeroDivisionError"):
+        store.search("temps", query="hot")
+    with pytest.raises(VectorError, match="bad embedder name"):
+        store.register_embedder("lexical", lambda text, dim: [0.0] * dim)
+    with pytest.raises(VectorError, match="bad embedder name"):
+        store.create("x", 4, embedder="no spaces")
+
+
+def test_a_native_plugin_registers_an_embedder_for_workflows(tmp_path: Path) -> None:
+    from frys_edge.config import load_config
+    from frys_edge.runtime import Runtime
+
+    plugin = tmp_path / "toy_embedder.py"
+    plugin.write_text(TOY_EMBEDDER)
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "system.data_dir": str(tmp_path / "data"),
+            "plugins.native": str(plugin),
+        },
+    )
+
+    async def main() -> list[str]:
+        rt = Runtime(config)
+        await rt.start()
+        try:
+            assert rt.vectors is not None
+            rt.vectors.create("temps", 4, embedder="toy")
+            ctx = SimpleNamespace(rt=rt)
+            items = [{"id": "a", "text": "hot boiler"}, {"id": "b", "text": "cold pipe"}]
+            await VECTOR_ACTIONS["vector.upsert"](ctx, {"collection": "temps", "items": items})
+            found = await VECTOR_ACTIONS["vector_search"](
+                ctx, {"collection": "temps", "query": "frozen", "k": 1}
+            )
+            return [hit["id"] for hit in found["hits"]]
+        finally:
+            await rt.stop()
+
+    assert anyio.run(main) == ["b"]
+
+
 # -- CLI -----------------------------------------------------------------------------------
 
 
@@ -468,6 +566,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
             "count": 3,
             "created_at": pytest.approx(json.loads(result.stdout)[0]["created_at"]),
             "index": {"kind": "exact", "m": 16, "ef_construction": 200, "ef_search": 64},
+            "embedder": "lexical",
         }
     ]
     result = frys("vector", "stats", "docs", "--json", *d)
