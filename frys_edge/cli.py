@@ -131,6 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("path", metavar="PATH")
     backup.set_defaults(func=cmd_db_backup)
 
+    health = sub.add_parser(
+        "health",
+        help="probe a running `frys run` on its health port (for container health checks)",
+        description="GET /health (or /health/ready) from the `frys run` that the same config "
+        "describes ([network] host and health_port; 0.0.0.0 and :: are probed on loopback). "
+        "Exit 0 when it answers ok, degraded or starting (or ready), 1 when it answers failed "
+        "or 503 or cannot be reached; the status goes to stdout.\n\n"
+        "example:\n  frys health -c frys.toml --ready\n"
+        '  HEALTHCHECK CMD ["/frys", "health"]   (in a Dockerfile)',
+    )
+    _config_flags(health)
+    health.add_argument("--ready", action="store_true", help="probe /health/ready instead")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default: 5)")
+    health.set_defaults(func=cmd_health)
+
     _workflow_parsers(sub)
     _plugin_parsers(sub)
     _vector_parsers(sub)
@@ -356,6 +371,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         return code
 
     return anyio.run(main)
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    net = _load(args).config.network
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(net.host, net.host)
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{net.health_port}/health{'/ready' if args.ready else ''}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        print(f"frys: {url}: HTTP {e.code} {e.read().decode(errors='replace')}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ValueError) as e:
+        print(f"frys: {url}: {e}; is `frys run` running with this config?", file=sys.stderr)
+        return EXIT_FAILURE
+    status = "ready" if args.ready else str(body.get("status"))
+    print(f"{url}: {status}")
+    # /health answers 200 whatever the state; a failed component is a failed probe.
+    return EXIT_OK if status in ("ready", "ok", "degraded", "starting") else EXIT_FAILURE
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -792,6 +831,16 @@ def cmd_plugin_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if getattr(sys, "frozen", False) and not args.plugins:
+        # The static binary: these suites start `python -c` children or race numpy.
+        print(
+            "frys: this benchmark suite needs a Python install (it starts Python processes "
+            "or compares against numpy, which the static binary does not carry); run it from "
+            "the wheel: pip install 'frys-edge[plugins,vectors]'. Here, `frys bench --plugins` "
+            "runs.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if args.vectors:
         from frys_edge.bench_vectors import run_vector_benchmarks
 

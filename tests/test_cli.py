@@ -55,6 +55,7 @@ def test_every_command_has_help_with_an_example() -> None:
         ["plugin", "keygen"],
         ["plugin", "sign"],
         ["bench"],
+        ["health"],
     ):
         result = frys(*args, "--help")
         assert result.returncode == 0, args
@@ -372,3 +373,40 @@ def test_run_refuses_an_open_bind_without_a_token(tmp_path: Path) -> None:
     result = frys("run", "-c", str(path))
     assert result.returncode == 2
     assert "refusing to listen on 0.0.0.0 without [network] token" in result.stderr
+
+
+def test_health_probes_the_running_runtime_and_fails_when_it_is_gone(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    path = write_config(tmp_path)
+    env = clean_env(FRYS_NETWORK_HEALTH_PORT=port)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "frys_edge.cli", "run", "-c", str(path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stderr is not None
+        while "running" not in (line := proc.stderr.readline()):
+            assert line, "frys run exited before it was ready"
+        healthy = frys("health", "-c", str(path), env=env)
+        assert healthy.returncode == 0, healthy.stderr
+        assert healthy.stdout.strip() in (
+            f"http://127.0.0.1:{port}/health: ok",
+            f"http://127.0.0.1:{port}/health: degraded",
+        )
+        ready = frys("health", "-c", str(path), "--ready", env=env)
+        assert ready.returncode == 0, ready.stderr
+        assert ready.stdout.strip() == f"http://127.0.0.1:{port}/health/ready: ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+    gone = frys("health", "-c", str(path), "--timeout", "2", env=env)
+    assert gone.returncode == 1
+    assert f"http://127.0.0.1:{port}/health" in gone.stderr
+    assert "is `frys run` running with this config?" in gone.stderr
