@@ -11,8 +11,6 @@ import asyncio
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -219,6 +217,11 @@ async def _wait_event(ctx: ActionContext, params: dict[str, Any]) -> Any:
 def _http_call(
     url: str, method: str, headers: dict[str, str], body: bytes | None, timeout: float
 ) -> tuple[int, str, bytes]:
+    # Imported on first use: urllib.request (http.client, email) is a fifth of the import
+    # time of a start under Pyodide, where no socket exists for it anyway.
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -244,7 +247,7 @@ async def _http(ctx: ActionContext, params: dict[str, Any]) -> Any:
     method = str(params.get("method", "POST" if body is not None else "GET")).upper()
     timeout = float(params.get("timeout", 10.0))
     try:
-        status, content_type, data = await anyio.to_thread.run_sync(
+        status, content_type, data = await ctx.rt.blocking(
             _http_call, url, method, headers, body, timeout
         )
     except (OSError, ValueError) as e:
@@ -277,7 +280,7 @@ async def _workflow(ctx: ActionContext, params: dict[str, Any]) -> Any:
 
 
 async def _plugin(ctx: ActionContext, params: dict[str, Any]) -> Any:
-    """Call a WASM plugin's export on a worker thread; `batch: true` sends a list at once."""
+    """Call a WASM plugin's export (on a worker thread if any); `batch: true` sends a list."""
     _params(params, "plugin", "plugin", "export")
     name, export = str(params["plugin"]), str(params["export"])
     plugin = ctx.rt.wasm.get(name)
@@ -293,8 +296,8 @@ async def _plugin(ctx: ActionContext, params: dict[str, Any]) -> Any:
     started = time.perf_counter()
     try:
         if isinstance(value, list) and batch:
-            return await anyio.to_thread.run_sync(plugin.call_batch, export, value)
-        return await anyio.to_thread.run_sync(plugin.call, export, value)
+            return await ctx.rt.blocking(plugin.call_batch, export, value)
+        return await ctx.rt.blocking(plugin.call, export, value)
     except PluginError as e:
         metrics.counter(
             "plugin_errors_total", "Plugin calls failed", {**labels, "kind": e.kind}

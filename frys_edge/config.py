@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from fractions import Fraction
@@ -75,8 +76,9 @@ class SystemConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     data_dir: str = "./data"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
-    # Worker threads for blocking work (SQLite writes, long WASM calls).
-    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 4
+    # Worker threads for blocking work (SQLite writes, long WASM calls); 0 runs that work
+    # inline on the event loop, the only choice under Pyodide, which cannot start threads.
+    threads: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0 if sys.platform == "emscripten" else 4
     shutdown_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0
 
 

@@ -1,9 +1,10 @@
 """The kernel: owns config, storage, scheduler, bus, cache and plugins, and starts and stops them.
 
 It drives the pure core (scheduler, bus, cache) on the running asyncio loop (anyio's asyncio
-backend; Pyodide's loop later) and uses anyio for threads, timeouts and signals. It supervises
-long-running components (restarting a failed one with backoff), keeps the health model and
-metrics, applies config reloads, and drains gracefully on shutdown. It speaks no SQL and
+backend, or Pyodide's) and uses anyio for threads, timeouts and signals; with `[system]
+threads = 0` (the default under Pyodide) blocking work runs inline and no thread is started.
+It supervises long-running components (restarting a failed one with backoff), keeps the health
+model and metrics, applies config reloads, and drains gracefully on shutdown. It speaks no SQL and
 serves no HTTP.
 """
 
@@ -17,14 +18,13 @@ import importlib.util
 import inspect
 import logging
 import os
-import resource
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -68,6 +68,8 @@ MEMORY_POLL_SECONDS = 5.0
 PLUGIN_POLL_SECONDS = 2.0
 # A run's timeout cancels it; one still active this long after is stuck (a step ignoring it).
 STUCK_GRACE_SECONDS = 5.0
+
+T = TypeVar("T")
 
 
 class NotRunning(FrysError):
@@ -114,6 +116,10 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
+        if sys.platform == "emscripten":
+            return 0  # no /proc and no resource module: the WebAssembly heap is not measured
+        import resource
+
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
 
@@ -292,12 +298,14 @@ class Runtime:
         t0 = time.perf_counter()
         cfg = self.config
         self.health.set("storage", "starting")
-        self.storage = await anyio.to_thread.run_sync(self._open_storage)
+        self.storage = await self.blocking(self._open_storage)
         self.health.set("storage", "ok")
-        self.vectors = VectorStore(self.storage, build=True)
+        # Without worker threads (Pyodide, threads = 0) no graph is built in the background.
+        self.vectors = VectorStore(self.storage, build=cfg.system.threads > 0)
         # Loading a large collection takes a while: do it now, off the event loop.
-        await anyio.to_thread.run_sync(self._load_vectors, self.vectors)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
+        await self.blocking(self._load_vectors, self.vectors)
+        if cfg.system.threads:
+            anyio.to_thread.current_default_thread_limiter().total_tokens = cfg.system.threads
         # Thousands of live runs make CPython's default collector (a young-generation pass
         # every 700 allocations) cost more than the runs; raise it unless the embedding
         # program chose its own thresholds. Measured: 10,000 runs at once went 5,000 -> 7,600/s.
@@ -313,7 +321,7 @@ class Runtime:
         except BaseException:
             await self.stop()
             raise
-        await anyio.to_thread.run_sync(self._load_wasm_plugins)
+        await self.blocking(self._load_wasm_plugins)
         self._load_workflows(Path(cfg.workflows.dir))
         await self.engine.resume()
         if self.engine.unresumable:
@@ -399,8 +407,9 @@ class Runtime:
         # Read through self.wasm, so a reloaded plugin's counters replace the old one's.
         return lambda: float(getattr(self.wasm[name], stat))
 
-    # Host services for WASM plugins; they run on worker threads. KV lives in the plugin's
-    # own namespace, and publishing hops to the event loop, which owns the bus.
+    # Host services for WASM plugins; they run where the call runs (a worker thread, or the
+    # loop with threads = 0). KV lives in the plugin's own namespace, and publishing from a
+    # worker hops to the event loop, which owns the bus.
     def _plugin_kv_get(self, plugin: str, key: str) -> Any:
         assert self.storage is not None
         entry = self.storage.get(f"plugin/{plugin}", key)
@@ -413,7 +422,10 @@ class Runtime:
         self.storage.write([op])
 
     def _plugin_publish(self, topic: str, payload: Any) -> None:
-        anyio.from_thread.run_sync(self.bus.publish, topic, payload)
+        if self.config.system.threads:
+            anyio.from_thread.run_sync(self.bus.publish, topic, payload)
+        else:
+            self.bus.publish(topic, payload)
 
     def _start_triggers(self) -> None:
         """(Re)start the triggers of the loaded workflows as one supervised component."""
@@ -461,6 +473,7 @@ class Runtime:
             readers=cfg.storage.readers,
             max_size=cfg.storage.max_size,
             cache_kib=self.budget.sqlite_cache_kib // (cfg.storage.readers + 1),
+            background=cfg.system.threads > 0,
         )
 
     async def stop(self) -> None:
@@ -536,6 +549,12 @@ class Runtime:
         return float(self.storage.stats()[key]) if self.storage else 0.0
 
     # -- tasks ----------------------------------------------------------------------------
+
+    async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking fn(*args) on a worker thread, or inline when `[system] threads = 0`."""
+        if self.config.system.threads:
+            return await anyio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     def _check_accepting(self) -> None:
         if not self._accepting:
@@ -754,7 +773,7 @@ class Runtime:
                 for manifest in Path(root).glob("*/frys-plugin.toml"):
                     directory = manifest.parent
                     if self._wasm_stamps.get(directory) != _plugin_stamp(directory):
-                        await anyio.to_thread.run_sync(self._try_load_wasm, directory)
+                        await self.blocking(self._try_load_wasm, directory)
 
     async def _watch_runs(self) -> None:
         """Report health "workflow-runs" degraded while runs are stuck past their timeout."""
@@ -813,7 +832,7 @@ class Runtime:
             return False
         await self.apply_config(new)
         # Reload plugins and definitions too: work in flight finishes on what it started with.
-        await anyio.to_thread.run_sync(self._load_wasm_plugins)
+        await self.blocking(self._load_wasm_plugins)
         self._load_workflows(Path(self.config.workflows.dir))
         self._start_triggers()
         return True

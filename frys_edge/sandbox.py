@@ -8,6 +8,11 @@ cap and an output cap; a call that hits one fails with a PluginError naming it a
 instance is discarded. Host functions exist only for capabilities the manifest asks for AND
 the operator grants; an ungranted one is linked as a stub that fails the call, so the host is
 never reached. The ABI is in plugins/ABI.md. wasmtime is imported only when a plugin loads.
+
+Under Pyodide (no wasmtime there) the same plugins run on the JavaScript engine's own
+`WebAssembly`, behind the same classes: the memory cap holds (written into the module as its
+memory's maximum), and so do the output cap, the stack (the engine's own) and the grants; fuel,
+the deadline, the AOT cache and WASI commands do not exist there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -44,6 +50,8 @@ MAX_FUEL = 10**12
 MAX_DEADLINE_MS = 60_000
 MAX_OUTPUT = 64 * 1024 * 1024
 STACK_BYTES = 512 * 1024
+# Pyodide: plugins run on the JavaScript engine's WebAssembly instead of wasmtime.
+JS_WEBASSEMBLY = sys.platform == "emscripten"
 
 
 class PluginError(FrysError):
@@ -277,6 +285,237 @@ class _Instance:
         # A command module's memory is its own business; a reactor's is the ABI's buffer space.
         self.memory: Any = exports.get("memory")
 
+    def begin(self, limits: Limits) -> None:
+        """Refill the call's budgets: fuel (when metered) and the epoch deadline."""
+        if self.plugin.metered:
+            self.store.set_fuel(limits.fuel)
+        self.store.set_epoch_deadline(_ticks(limits.deadline_ms))
+
+    def fuel_spent(self, limits: Limits) -> int:
+        return limits.fuel - int(self.store.get_fuel())
+
+    def call(self, export: str, function: str, *args: int) -> int:
+        """Call one of the module's functions; a trap becomes a PluginError naming its limit."""
+        wt = _wasmtime()
+        try:
+            return int(self.exports[function](self.store, *args))
+        except wt.Trap as e:
+            kind = _trap_kind(e)
+            message = self.failure or _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
+            raise PluginError(f"plugin {self.plugin.name}.{export}: {message}", kind) from e
+        except wt.WasmtimeError as e:
+            raise PluginError(f"plugin {self.plugin.name}.{export}: {e}", "trap") from e
+        except KeyError as e:
+            raise _missing_export(self.plugin.name, function) from e
+
+    def memory_size(self) -> int:
+        return int(self.memory.data_len(self.store))
+
+    def write(self, ptr: int, data: bytes) -> None:
+        # memmove on the raw pointer: memory.write costs ~2.5 µs a call through ctypes.
+        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+        ctypes.memmove(base + ptr, data, len(data))
+
+    def read(self, ptr: int, length: int) -> bytes:
+        # The pointer is fetched again: a call may have grown (and moved) the memory.
+        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+        return ctypes.string_at(base + ptr, length)
+
+
+def _missing_export(plugin: str, function: str) -> PluginError:
+    return PluginError(
+        f"plugin {plugin} does not export {function!r} as the ABI requires (see plugins/ABI.md)",
+        "abi",
+    )
+
+
+class _CallerMemory:
+    """A wasmtime host function's view of the calling instance's memory."""
+
+    def __init__(self, caller: Any, plugin: str) -> None:
+        self.caller = caller
+        self.plugin = plugin
+
+    def read(self, ptr: int, length: int) -> bytes:
+        memory = self.caller["memory"]
+        if length < 0 or ptr < 0 or ptr + length > memory.data_len(self.caller):
+            raise _wasmtime().Trap(f"plugin {self.plugin} passed a buffer outside its memory")
+        return bytes(memory.read(self.caller, ptr, ptr + length))
+
+    def write(self, ptr: int, data: bytes) -> None:
+        self.read(ptr, len(data))  # bounds check
+        self.caller["memory"].write(self.caller, data, ptr)
+
+
+class _JsModule:
+    """A module compiled by the JavaScript engine, with its imports as wasmtime lists them."""
+
+    class Import(msgspec.Struct, frozen=True):
+        module: str
+        name: str
+
+    def __init__(self, data: bytes) -> None:
+        import js  # type: ignore[import-not-found]
+        from pyodide.ffi import JsException, to_js  # type: ignore[import-not-found]
+
+        try:
+            self.js = js.WebAssembly.Module.new(to_js(data))
+        except JsException as e:
+            raise PluginError(f"not a valid WebAssembly module: {e}", "invalid") from e
+        self.imports = [
+            _JsModule.Import(i.module, i.name) for i in js.WebAssembly.Module.imports(self.js)
+        ]
+
+
+# How the JavaScript engine words the traps that have a limit's name here.
+_JS_TRAPS = (
+    ("call stack", "stack"),
+    ("out of bounds", "memory"),
+    ("unreachable", "trap"),
+)
+
+
+class _JsInstance:
+    """One instance on the JavaScript engine's WebAssembly (Pyodide); same duties as _Instance.
+
+    There is no fuel and no deadline: a call runs on the event loop's thread until it returns.
+    """
+
+    def __init__(self, plugin: WasmPlugin) -> None:
+        import js
+        from pyodide.ffi import JsException, create_proxy
+
+        self.plugin = plugin
+        self.failure: str | None = None
+        self.broken = False
+        self.input_ptr = 0
+        self.input_cap = 0
+        imports = js.Object.new()
+        frys = js.Object.new()
+        for name, capability, _params, results, fn, caller in plugin.host_functions(self):
+            if capability is not None and capability not in plugin.granted:
+                fn = _refuse(plugin.name, capability, PluginError)
+            elif caller:
+                fn = _with_memory(fn, self)
+            if results == ["i64"]:  # an i64 crosses into WebAssembly as a BigInt
+                fn = _as_bigint(fn, js.BigInt)
+            setattr(frys, name, create_proxy(fn))
+        imports.frys = frys
+        try:
+            self.instance = js.WebAssembly.Instance.new(plugin.module.js, imports)
+        except JsException as e:
+            raise PluginError(f"plugin {plugin.name}: cannot instantiate: {e}", "link") from e
+        self.exports = self.instance.exports
+        self.memory: Any = getattr(self.exports, "memory", None)
+        self._uint8 = js.Uint8Array
+        self._js_error = JsException
+
+    def begin(self, limits: Limits) -> None:
+        """Nothing to refill: the JavaScript engine has no fuel and no epochs."""
+
+    def fuel_spent(self, limits: Limits) -> int:
+        return 0
+
+    def call(self, export: str, function: str, *args: int) -> int:
+        fn = getattr(self.exports, function, None)
+        if fn is None:
+            raise _missing_export(self.plugin.name, function)
+        try:
+            return int(fn(*args))
+        except self._js_error as e:
+            text = str(e)
+            kind = next((k for needle, k in _JS_TRAPS if needle in text.lower()), "trap")
+            message = self.failure or _TRAP_MESSAGES.get(kind, text.splitlines()[0])
+            raise PluginError(f"plugin {self.plugin.name}.{export}: {message}", kind) from e
+
+    def memory_size(self) -> int:
+        return int(self.memory.buffer.byteLength)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        self._view(ptr, len(data)).assign(data)
+
+    def read(self, ptr: int, length: int) -> bytes:
+        return bytes(self._view(ptr, length).to_bytes())
+
+    def _view(self, ptr: int, length: int) -> Any:
+        if length < 0 or ptr < 0 or ptr + length > self.memory_size():
+            raise PluginError(f"plugin {self.plugin.name} passed a buffer outside its memory")
+        return self._uint8.new(self.memory.buffer, ptr, length)
+
+
+def _refuse(plugin: str, capability: str, error: Callable[[str], Exception]) -> Callable[..., Any]:
+    def stub(*_args: Any) -> Any:
+        raise error(
+            f"plugin {plugin} called a host function of capability {capability!r}, "
+            "which it was not granted"
+        )
+
+    return stub
+
+
+def _with_memory(fn: Callable[..., Any], memory: Any) -> Callable[..., Any]:
+    return lambda *args: fn(memory, *args)
+
+
+def _as_bigint(fn: Callable[..., Any], bigint: Callable[[int], Any]) -> Callable[..., Any]:
+    return lambda *args: bigint(fn(*args))
+
+
+def cap_memory(data: bytes, pages: int) -> bytes:
+    """The module with its memory's maximum lowered to `pages` (how the JS backend caps it).
+
+    Raises PluginError when the module's initial memory is already larger, or when it has
+    no memory section of the one-memory, 32-bit kind the ABI uses.
+    """
+    if data[:8] != b"\0asm\x01\0\0\0":
+        raise PluginError("not a WebAssembly module (bad magic or version)", "invalid")
+    pos = 8
+    while pos < len(data):
+        section = data[pos]
+        size, body = _leb(data, pos + 1)
+        end = body + size
+        if section == 5:
+            count, at = _leb(data, body)
+            flags = data[at] if count == 1 and at < end else -1
+            if flags not in (0, 1):
+                raise PluginError("the module must define one 32-bit, unshared memory", "abi")
+            initial, at = _leb(data, at + 1)
+            maximum = pages
+            if flags == 1:
+                declared, at = _leb(data, at)
+                maximum = min(declared, pages)
+            if initial > pages:
+                raise PluginError(
+                    f"the module's initial memory is {initial} pages, over its "
+                    f"limits.memory_pages of {pages}",
+                    "memory",
+                )
+            limits = b"\x01\x01" + _uleb(initial) + _uleb(maximum)
+            return data[:pos] + b"\x05" + _uleb(len(limits)) + limits + data[end:]
+        pos = end
+    raise PluginError("the module defines no memory; a reactor exports one", "abi")
+
+
+def _leb(data: bytes, pos: int) -> tuple[int, int]:
+    """An unsigned LEB128 number at pos, and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _uleb(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
 
 def _ticks(deadline_ms: int) -> int:
     return max(1, round(deadline_ms / 1000 / EPOCH_TICK)) + 1
@@ -313,7 +552,7 @@ class WasmPlugin:
         self.directory = directory
         self.manifest = manifest
         self.name = manifest.name
-        self.metered = manifest.limits.fuel > 0
+        self.metered = manifest.limits.fuel > 0 and not JS_WEBASSEMBLY
         self.module = module
         self.granted = granted
         self.grant = grant
@@ -324,75 +563,64 @@ class WasmPlugin:
         self.errors = 0
         self.fuel_used = 0
         self.exports = {e.name: e for e in manifest.exports}
+        instance = _JsInstance if JS_WEBASSEMBLY else _Instance
         self.pool: Pool = Pool(
-            lambda: _Instance(self), pool_size, name=f"plugin-{self.name}", reset=_reset
+            lambda: instance(self), pool_size, name=f"plugin-{self.name}", reset=_reset
         )
 
     # -- host functions -------------------------------------------------------------------
 
-    def linker(self, inst: _Instance) -> Any:
-        wt = _wasmtime()
-        linker = wt.Linker(shared_engine(self.metered))
-        i32, i64 = wt.ValType.i32(), wt.ValType.i64()
+    def host_functions(
+        self, inst: _Instance | _JsInstance
+    ) -> list[tuple[str, str | None, list[str], list[str], Callable[..., Any], bool]]:
+        """(name, capability, params, results, fn, takes memory) of every `frys` import.
+
+        A function that takes memory gets an object with read(ptr, len) and write(ptr, data)
+        first; each backend supplies its own.
+        """
         name = self.name
 
-        def refuse(capability: str) -> Callable[..., Any]:
-            def stub(*_args: Any) -> Any:
-                raise wt.Trap(
-                    f"plugin {name} called a host function of capability {capability!r}, "
-                    "which it was not granted"
-                )
+        def fail(mem: Any, ptr: int, length: int) -> None:
+            inst.failure = mem.read(ptr, min(length, 4096)).decode(errors="replace")
 
-            return stub
-
-        def read(caller: Any, ptr: int, length: int) -> bytes:
-            memory = caller["memory"]
-            if length < 0 or ptr < 0 or ptr + length > memory.data_len(caller):
-                raise wt.Trap(f"plugin {name} passed a buffer outside its memory")
-            return bytes(memory.read(caller, ptr, ptr + length))
-
-        def fail(caller: Any, ptr: int, length: int) -> None:
-            inst.failure = read(caller, ptr, min(length, 4096)).decode(errors="replace")
-
-        def host_log(caller: Any, level: int, ptr: int, length: int) -> None:
-            text = read(caller, ptr, min(length, 4096)).decode(errors="replace")
+        def host_log(mem: Any, level: int, ptr: int, length: int) -> None:
+            text = mem.read(ptr, min(length, 4096)).decode(errors="replace")
             levels = (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
             log.log(levels[min(max(level, 0), 3)], "plugin %s: %s", name, text)
 
-        def kv_get(caller: Any, kptr: int, klen: int, optr: int, ocap: int) -> int:
+        def kv_get(mem: Any, kptr: int, klen: int, optr: int, ocap: int) -> int:
             # Writes the JSON value into the plugin's buffer when it fits; returns its length
             # either way (so the plugin can retry with a bigger one), or -1 when missing.
             if self.services.kv_get is None:
                 return -1
-            value = self.services.kv_get(name, read(caller, kptr, klen).decode())
+            value = self.services.kv_get(name, mem.read(kptr, klen).decode())
             if value is None:
                 return -1
             data = json.dumps(value).encode()
             if len(data) <= ocap:
-                read(caller, optr, len(data))  # bounds check
-                caller["memory"].write(caller, data, optr)
+                mem.write(optr, data)
             return len(data)
 
-        def kv_put(caller: Any, kptr: int, klen: int, vptr: int, vlen: int) -> int:
+        def kv_put(mem: Any, kptr: int, klen: int, vptr: int, vlen: int) -> int:
             if self.services.kv_put is None:
                 return -1
             try:
-                value = json.loads(read(caller, vptr, vlen))
-                self.services.kv_put(name, read(caller, kptr, klen).decode(), value)
+                value = json.loads(mem.read(vptr, vlen))
+                self.services.kv_put(name, mem.read(kptr, klen).decode(), value)
             except (ValueError, FrysError) as e:
                 log.warning("plugin %s: kv_put refused: %s", name, e)
                 return -1
             return 0
 
-        def emit(caller: Any, tptr: int, tlen: int, pptr: int, plen: int) -> int:
-            topic = read(caller, tptr, tlen).decode(errors="replace")
+        def emit(mem: Any, tptr: int, tlen: int, pptr: int, plen: int) -> int:
+            topic = mem.read(tptr, tlen).decode(errors="replace")
             if self.services.publish is None or not any(
                 topic_matches(p, topic) for p in self.topics
             ):
                 log.warning("plugin %s: emit on %r refused (granted: %s)", name, topic, self.topics)
                 return -1
             try:
-                self.services.publish(topic, json.loads(read(caller, pptr, plen) or b"null"))
+                self.services.publish(topic, json.loads(mem.read(pptr, plen) or b"null"))
             except (ValueError, FrysError) as e:
                 log.warning("plugin %s: emit refused: %s", name, e)
                 return -1
@@ -404,21 +632,34 @@ class WasmPlugin:
         def random_u64() -> int:
             return int.from_bytes(os.urandom(8), "little", signed=True)
 
-        functions: list[tuple[str, str | None, list[Any], list[Any], Callable[..., Any], bool]] = [
+        i32 = "i32"
+        return [
             ("fail", None, [i32, i32], [], fail, True),
             ("log", "log", [i32, i32, i32], [], host_log, True),
             ("kv_get", "kv", [i32, i32, i32, i32], [i32], kv_get, True),
             ("kv_put", "kv", [i32, i32, i32, i32], [i32], kv_put, True),
             ("emit", "emit", [i32, i32, i32, i32], [i32], emit, True),
-            ("clock_ms", "clock", [], [i64], clock_ms, False),
-            ("random_u64", "random", [], [i64], random_u64, False),
+            ("clock_ms", "clock", [], ["i64"], clock_ms, False),
+            ("random_u64", "random", [], ["i64"], random_u64, False),
         ]
-        for fname, capability, params, results, fn, caller in functions:
-            ftype = wt.FuncType(params, results)
+
+    def linker(self, inst: _Instance) -> Any:
+        """A wasmtime linker with the host functions; ungranted ones are stubs that trap."""
+        wt = _wasmtime()
+        linker = wt.Linker(shared_engine(self.metered))
+        types = {"i32": wt.ValType.i32(), "i64": wt.ValType.i64()}
+        name = self.name
+
+        def with_caller(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return lambda caller, *args: fn(_CallerMemory(caller, name), *args)
+
+        for fname, capability, params, results, fn, caller in self.host_functions(inst):
+            ftype = wt.FuncType([types[t] for t in params], [types[t] for t in results])
             if capability is None or capability in self.granted:
-                linker.define_func("frys", fname, ftype, fn, access_caller=caller)
+                target = with_caller(fn) if caller else fn
+                linker.define_func("frys", fname, ftype, target, access_caller=caller)
             else:
-                linker.define_func("frys", fname, ftype, refuse(capability))
+                linker.define_func("frys", fname, ftype, _refuse(name, capability, wt.Trap))
         if "wasi" in self.granted:
             linker.define_wasi()
         return linker
@@ -471,9 +712,7 @@ class WasmPlugin:
             raise PluginError(f"plugin {self.name}: {e}", "busy") from e
         self.calls += 1
         try:
-            if self.metered:
-                inst.store.set_fuel(limits.fuel)
-            inst.store.set_epoch_deadline(_ticks(limits.deadline_ms))
+            inst.begin(limits)
             out = self._invoke(inst, export, data)
         except PluginError:
             inst.broken = True
@@ -489,60 +728,48 @@ class WasmPlugin:
             raise
         finally:
             if self.metered:
-                self.fuel_used += limits.fuel - inst.store.get_fuel()
+                self.fuel_used += inst.fuel_spent(limits)
             self.pool.release(inst)
         return out
 
-    def _invoke(self, inst: _Instance, export: str, data: bytes) -> bytes:
-        wt = _wasmtime()
-        store, ex = inst.store, inst.exports
+    def _invoke(self, inst: _Instance | _JsInstance, export: str, data: bytes) -> bytes:
         max_output = self.manifest.limits.max_output
-        try:
-            memory = inst.memory
-            if len(data) > inst.input_cap:
-                # One buffer per instance, grown rarely: a call is then one crossing.
-                inst.input_cap = max(len(data), 2 * inst.input_cap, 4096)
-                # i32 results arrive signed: a "negative" pointer must not pass the check.
-                inst.input_ptr = ex["input_buffer"](store, inst.input_cap) & 0xFFFFFFFF
-                if inst.input_ptr + inst.input_cap > memory.data_len(store):
-                    raise PluginError(f"plugin {self.name}: input_buffer outside memory", "abi")
-            if data:
-                # memmove on the raw pointer: memory.write costs ~2.5 µs a call through ctypes.
-                base = ctypes.addressof(memory.data_ptr(store).contents)
-                ctypes.memmove(base + inst.input_ptr, data, len(data))
-            packed = ex[export](store, inst.input_ptr, len(data)) & 0xFFFFFFFFFFFFFFFF
-            if inst.failure is not None:
-                raise PluginError(f"plugin {self.name}.{export} failed: {inst.failure}", "fail")
-            out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
-            if out_len > max_output:
-                raise PluginError(
-                    f"plugin {self.name}.{export} returned {out_len} bytes, over its "
-                    f"max_output of {max_output}",
-                    "output",
-                )
-            if not out_len:
-                return b""
-            if out_ptr + out_len > memory.data_len(store):
-                raise PluginError(f"plugin {self.name}.{export} returned a bad buffer", "abi")
-            # The output stays the plugin's; it may reuse that memory at its next call. The
-            # pointer is fetched again: the call may have grown (and moved) the memory.
-            base = ctypes.addressof(memory.data_ptr(store).contents)
-            return ctypes.string_at(base + out_ptr, out_len)
-        except wt.Trap as e:
-            kind = _trap_kind(e)
-            message = inst.failure or _TRAP_MESSAGES.get(kind, str(e).splitlines()[0])
-            raise PluginError(f"plugin {self.name}.{export}: {message}", kind) from e
-        except wt.WasmtimeError as e:
-            raise PluginError(f"plugin {self.name}.{export}: {e}", "trap") from e
-        except KeyError as e:
+        if inst.memory is None:
+            raise _missing_export(self.name, "memory")
+        if len(data) > inst.input_cap:
+            # One buffer per instance, grown rarely: a call is then one crossing.
+            inst.input_cap = max(len(data), 2 * inst.input_cap, 4096)
+            # i32 results arrive signed: a "negative" pointer must not pass the check.
+            inst.input_ptr = inst.call(export, "input_buffer", inst.input_cap) & 0xFFFFFFFF
+            if inst.input_ptr + inst.input_cap > inst.memory_size():
+                raise PluginError(f"plugin {self.name}: input_buffer outside memory", "abi")
+        if data:
+            inst.write(inst.input_ptr, data)
+        packed = inst.call(export, export, inst.input_ptr, len(data)) & 0xFFFFFFFFFFFFFFFF
+        if inst.failure is not None:
+            raise PluginError(f"plugin {self.name}.{export} failed: {inst.failure}", "fail")
+        out_ptr, out_len = packed >> 32, packed & 0xFFFFFFFF
+        if out_len > max_output:
             raise PluginError(
-                f"plugin {self.name} does not export {e.args[0]!r} as the ABI requires "
-                "(see plugins/ABI.md)",
-                "abi",
-            ) from e
+                f"plugin {self.name}.{export} returned {out_len} bytes, over its "
+                f"max_output of {max_output}",
+                "output",
+            )
+        if not out_len:
+            return b""
+        if out_ptr + out_len > inst.memory_size():
+            raise PluginError(f"plugin {self.name}.{export} returned a bad buffer", "abi")
+        # The output stays the plugin's; it may reuse that memory at its next call.
+        return inst.read(out_ptr, out_len)
 
     def _run_command(self, data: bytes) -> bytes:
         """A WASI command: a fresh instance runs `_start`, stdin is the input, stdout the output."""
+        if JS_WEBASSEMBLY:
+            raise PluginError(
+                f"plugin {self.name} is a WASI command; commands need wasmtime, which does "
+                "not run under Pyodide (only reactor plugins run there)",
+                "missing",
+            )
         wt = _wasmtime()
         limits = self.manifest.limits
         if "wasi" not in self.granted:
@@ -704,14 +931,8 @@ def load_plugin(
     denied = sorted(set(manifest.capabilities) - granted)
     if denied:
         log.info("plugin %s: capabilities asked for but not granted: %s", manifest.name, denied)
-    wt = _wasmtime()
-    try:
-        # The cache holds native code: when signatures are required, nothing unsigned runs,
-        # so it is bypassed (its files are only as safe as the data dir's permissions).
-        cache = None if require_signature else cache_dir
-        module, hit = compile_module(data, digest, cache, manifest.limits.fuel > 0)
-    except wt.WasmtimeError as e:
-        raise PluginError(f"{module_path}: not a valid WebAssembly module: {e}", "invalid") from e
+    cache = None if require_signature else cache_dir
+    module, hit = _compile(manifest, data, digest, cache, module_path)
     _check_imports(manifest, module, module_path)
     plugin = WasmPlugin(
         directory,
@@ -726,6 +947,26 @@ def load_plugin(
     if manifest.kind == "reactor":  # instantiate once now, so link errors show at load
         plugin.pool.release(plugin.pool.acquire())
     return plugin
+
+
+def _compile(
+    manifest: Manifest, data: bytes, digest: str, cache_dir: Path | None, path: Path
+) -> tuple[Any, bool]:
+    """The module compiled by this platform's engine, and whether the AOT cache had it.
+
+    The cache holds native code: when signatures are required, the caller passes no cache
+    dir, so nothing unsigned runs (its files are only as safe as the data dir's permissions).
+    """
+    try:
+        if JS_WEBASSEMBLY:
+            return _JsModule(cap_memory(data, manifest.limits.memory_pages)), False
+        wt = _wasmtime()
+        try:
+            return compile_module(data, digest, cache_dir, manifest.limits.fuel > 0)
+        except wt.WasmtimeError as e:
+            raise PluginError(f"not a valid WebAssembly module: {e}", "invalid") from e
+    except PluginError as e:
+        raise PluginError(f"{path}: {e}", e.kind) from e
 
 
 def _check_imports(manifest: Manifest, module: Any, path: Path) -> None:

@@ -5,6 +5,8 @@ their steps, schema migrations, the data-dir lock, group commit and backups. It 
 how workflows run or what plugins are; callers hand it plain values that msgspec can encode
 as JSON. Reads and `write` work from any thread; the
 async writes group-commit on the running asyncio loop (anyio's asyncio backend, or Pyodide's).
+With `background=False` it starts no thread at all (Pyodide cannot): commits at every sync
+level and WAL checkpoints then run inline on the caller's thread.
 
 Durability contract (also in the README):
 - ``sync="full"``: ``synchronous=FULL``. A write whose call returned survives power loss.
@@ -22,7 +24,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -326,6 +328,7 @@ class Storage:
         max_size: int | None = None,
         cache_kib: int = 2048,
         readonly: bool = False,
+        background: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / DB_FILE
@@ -333,6 +336,10 @@ class Storage:
         self.busy_timeout = busy_timeout
         self.readonly = readonly
         self.cache_kib = cache_kib
+        self.background = background
+        # Called after every commit (on the committing thread); the Pyodide loader uses it to
+        # copy the data dir to IndexedDB. An error it raises is logged, the commit stands.
+        self.on_commit: Callable[[], None] | None = None
         self.commits = 0
         self.writes = 0
         self._lock_fd: int | None = None
@@ -376,7 +383,8 @@ class Storage:
             self._writer = self._connect(self.path)
             self._configure_writer(max_size)
             self._migrate()
-            self._checkpointer.start()
+            if self.background:
+                self._checkpointer.start()
         except BaseException:
             self.close()
             raise
@@ -490,18 +498,26 @@ class Storage:
             self._checkpoint_wanted.clear()
             if self._closing.is_set():
                 break
-            self._since_checkpoint = 0
             try:
                 if conn is None:
                     conn = self._connect(self.path)
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                self.checkpoints += 1
-            except (sqlite3.Error, StorageError) as e:
-                # The next round retries; until then the WAL keeps the data safe.
-                err = e if isinstance(e, StorageError) else describe_error(self.path, e, "")
-                log.warning("checkpointing the WAL failed, will retry: %s", err)
+            except StorageError as e:
+                self._since_checkpoint = 0  # retried on the timer, not at every write
+                log.warning("checkpointing the WAL failed, will retry: %s", e)
+                continue
+            self._checkpoint(conn)
         if conn is not None:
             conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        self._since_checkpoint = 0
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self.checkpoints += 1
+        except sqlite3.Error as e:
+            # The next round retries; until then the WAL keeps the data safe.
+            err = describe_error(self.path, e, "checkpointing")
+            log.warning("checkpointing the WAL failed, will retry: %s", err)
 
     def close(self) -> None:
         """Fold the WAL into the database, close every connection, release the lock."""
@@ -718,7 +734,15 @@ class Storage:
             self.writes += len(ops)
             self._since_checkpoint += len(ops)
             if self._since_checkpoint >= CHECKPOINT_WRITES:
-                self._checkpoint_wanted.set()
+                if self.background:
+                    self._checkpoint_wanted.set()
+                else:
+                    self._checkpoint(w)
+            if self.on_commit is not None:
+                try:
+                    self.on_commit()
+                except Exception as e:
+                    log.error("%s: on_commit hook failed after a commit: %r", self.path, e)
             return results
 
     @staticmethod
@@ -854,7 +878,7 @@ class Storage:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((op, future))
-        if self.sync == "full":
+        if self.sync == "full" and self.background:
             if not self._flush_queued:
                 self._flush_queued = True
                 loop.call_soon(self._flush_in_thread, loop)

@@ -361,7 +361,7 @@ def test_section_that_is_not_a_table_is_a_problem(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("threads = 0", "expected int >= 1, got 0"),
+        ("threads = -1", "expected int >= 0, got -1"),
         ("threads = 257", "expected int <= 256, got 257"),
         ("shutdown_timeout = 0", "expected float > 0.0, got 0"),
     ],
