@@ -30,7 +30,7 @@ MIN_CAPACITY = 1024
 BUILD_CHUNK = 10_000  # rows added between progress reports and stop checks
 
 
-class IndexOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class IndexOptions(msgspec.Struct, frozen=True):
     """How a collection is searched: `exact`, or `hnsw` with its graph settings.
 
     m: links per node (more: better recall, more memory); ef_construction: candidates kept
@@ -73,6 +73,13 @@ class IndexBuildStopped(FrysError):
 def paths(directory: Path, collection: str) -> tuple[Path, Path]:
     """The graph file and its JSON stamp for a collection."""
     return directory / f"{collection}.hnsw", directory / f"{collection}.hnsw.json"
+
+
+def remove_files(directory: Path, collection: str) -> None:
+    """Delete a collection's saved graph, its stamp and any half-written temp files."""
+    for path in paths(directory, collection):
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -140,22 +147,31 @@ class Graph:
 
     def add(self, ids: Sequence[str], rows: Any, threads: int = 1) -> None:
         """Insert or replace rows (float32, one per id); the last of two equal ids wins."""
-        if not ids:
-            return
-        labels = []
-        for item in ids:
-            label = self.label_of.get(item)
-            if label is None:
+        last = {item: i for i, item in enumerate(ids)}  # dict order: first appearance
+        known = [(item, i) for item, i in last.items() if item in self.label_of]
+        new = [(item, i) for item, i in last.items() if item not in self.label_of]
+        if known:
+            # In place: with replace_deleted, hnswlib would move an existing label into a
+            # free slot and leave its old node live in the graph, a ghost with the old vector.
+            labels = [self.label_of[item] for item, _ in known]
+            picked = rows[[i for _, i in known]]
+            self.index.add_items(picked, labels, num_threads=threads, replace_deleted=False)
+        if new:
+            current = int(self.index.get_current_count())
+            deleted = current - len(self.label_of)  # slots a new label can take over
+            needed = current + max(0, len(new) - deleted)
+            capacity = int(self.index.get_max_elements())
+            if needed > capacity:
+                self.index.resize_index(max(needed, capacity + capacity // 2))
+            labels = []
+            for item, _ in new:
                 label = self.next_label
                 self.next_label += 1
                 self.label_of[item] = label
                 self.id_of[label] = item
-            labels.append(label)
-        need = len(self.label_of)
-        capacity = int(self.index.get_max_elements())
-        if int(self.index.get_current_count()) + len(ids) > capacity:
-            self.index.resize_index(max(2 * capacity, need + len(ids)))
-        self.index.add_items(rows, labels, num_threads=threads, replace_deleted=True)
+                labels.append(label)
+            picked = rows[[i for _, i in new]]
+            self.index.add_items(picked, labels, num_threads=threads, replace_deleted=True)
         self.dirty = True
 
     def remove(self, ids: Iterable[str]) -> None:
@@ -185,8 +201,11 @@ class Graph:
                 self.index.set_ef(ef)
         out = []
         for label, distance in zip(labels[0].tolist(), distances[0].tolist(), strict=True):
+            item = self.id_of.get(label)
+            if item is None:  # a node the graph should not hold: it cannot be trusted
+                return None
             score = max(distance, 0.0) ** 0.5 if self.space == "l2" else 1.0 - distance
-            out.append((self.id_of[label], score))
+            out.append((item, score))
         return out
 
     def save(self, directory: Path, stamp: IndexStamp) -> None:

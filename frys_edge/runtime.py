@@ -52,7 +52,7 @@ from frys_edge.engine import Engine
 from frys_edge.metrics import Health, Metrics
 from frys_edge.sandbox import Grant, HostServices, PluginError, WasmPlugin, load_plugin
 from frys_edge.storage import Storage, encode_value
-from frys_edge.vectors import VECTOR_ACTIONS, VectorStore, track_collection
+from frys_edge.vectors import VECTOR_ACTIONS, VectorError, VectorStore, track_collection
 from frys_edge.workflow import WorkflowError
 
 log = logging.getLogger("frys")
@@ -436,9 +436,15 @@ class Runtime:
             self.supervise("triggers", self.engine.run_triggers)
 
     def _load_vectors(self, store: VectorStore) -> None:
-        for collection in store.collections():
-            store.stats(collection.name)  # loads it into memory
-            track_collection(store, self.metrics, collection.name)
+        """Load every collection; one that cannot load degrades health, not start."""
+        for record in self.storage.vector_collections() if self.storage else ():
+            try:
+                store.stats(record.name)  # loads it into memory
+            except VectorError as e:
+                log.error("vector collection %s cannot load: %s", record.name, e)
+                self.health.set("vectors", "degraded", f"collection {record.name}: {e}")
+                continue
+            track_collection(store, self.metrics, record.name)
         self.metrics.gauge(
             "vector_index_loads_total",
             "Vector collections loaded into memory",

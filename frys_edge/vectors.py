@@ -67,6 +67,7 @@ MAX_TEXT_CHARS = 100_000
 MAX_METADATA_BYTES = 64 * 1024
 LOAD_PAGE = 10_000
 INT8_CHUNK_BYTES = 4 * 1024 * 1024  # int8 rows are widened to float32 in blocks this big
+BIG_WRITE = 1000  # items from which a write is added to an HNSW graph on every core
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _WORD = re.compile(r"\w+")
 _LITTLE = sys.byteorder == "little"
@@ -197,9 +198,10 @@ class _Spec(msgspec.Struct, frozen=True):
     embedder: str
 
 
-class _Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Options(msgspec.Struct, frozen=True):
     """A collection's stored options: how it is searched, and what embeds its texts (fixed
-    at creation: vectors already stored came from it)."""
+    at creation: vectors already stored came from it). Unknown fields are ignored, so a
+    data dir written by a newer frys still opens."""
 
     index: IndexOptions = IndexOptions()
     embedder: str = LEXICAL
@@ -318,11 +320,8 @@ class _Index(abc.ABC):
         self.pos: dict[str, int] = {}
         self.metadata: list[dict[str, Any]] = []
         self.searches = 0
-        # The HNSW graph, once loaded or built; while one is built, writes are queued in
-        # `pending` as ("put", ids, float32 rows) or ("remove", ids, None) to replay on it.
-        self.graph: Graph | None = None
-        self.pending: list[tuple[str, list[str], Any]] | None = None
-        self.writing = 0  # writes committed or in flight, not yet applied here
+        self.graph: Graph | None = None  # the HNSW graph, once loaded or built
+        self.building: _Build | None = None  # the graph build under way, if any
 
     def put(self, records: Sequence[VectorRecord]) -> None:
         """Insert or replace records; the last of two with one id wins, as in storage."""
@@ -390,6 +389,15 @@ class _Index(abc.ABC):
 
     @abc.abstractmethod
     def _truncate(self, n: int) -> None: ...
+
+
+class _Build:
+    """One graph build under way: the writes to replay on its graph, and whether it is
+    still wanted (a drop or a retune cancels it; it stops at its next chunk)."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, list[str], Any]] = []  # (kind, ids, float32 rows)
+        self.cancelled = False
 
 
 class _NumpyIndex(_Index):
@@ -607,8 +615,12 @@ class VectorStore:
         self.loads = 0  # collections loaded (or reloaded) from storage into memory
         self.index_builds = 0  # HNSW graphs built (not loaded from their file)
         self._lock = threading.RLock()
-        self._builders: dict[str, threading.Thread] = {}
+        self._builders: set[threading.Thread] = set()
         self._stopping = threading.Event()
+        # Writes per collection between their storage call and their update in memory: a
+        # graph saved meanwhile would carry a stamp newer than its contents.
+        self._writing: dict[str, int] = {}
+        self._threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         self.embedders: dict[str, Embedder] = {LEXICAL: embed_text}
 
     def register_embedder(self, name: str, embedder: Embedder) -> None:
@@ -669,6 +681,10 @@ class VectorStore:
         A new ef_search applies at once; a new kind, m or ef_construction drops the graph,
         which is built again (in the background with `build`, else by `build_index`).
         """
+        unknown = sorted(set(changes) - set(IndexOptions.__struct_fields__))
+        if unknown:
+            fields = ", ".join(IndexOptions.__struct_fields__)
+            raise VectorError(f"collection {name}: unknown index options {unknown}; use {fields}")
         with self._lock:
             record = self.storage.vector_collection(name)
             if record is None:
@@ -683,10 +699,11 @@ class VectorStore:
             if index is None:
                 return new
             index.options = new
-            if index.graph is not None and new.kind == "hnsw" and _same_graph(old, new):
-                index.graph.set_ef(new.ef_search)
-                return new
-            index.graph = None
+            if new.kind == "hnsw" and _same_graph(old, new):
+                if index.graph is not None:
+                    index.graph.set_ef(new.ef_search)
+                return new  # a build under way takes the new ef_search when it lands
+            self._drop_graph(name, index)
         if new.kind == "hnsw":
             self._attach(name)
         return new
@@ -696,9 +713,10 @@ class VectorStore:
         with self._lock:
             if not self.storage.drop_vector_collection(name):
                 raise _unknown(name)
-            self._indexes.pop(name, None)
-            for path in hnsw.paths(self.index_dir, name):
-                path.unlink(missing_ok=True)
+            index = self._indexes.pop(name, None)
+            if index is not None:
+                self._drop_graph(name, index)
+            hnsw.remove_files(self.index_dir, name)
 
     def info(self, name: str) -> CollectionInfo:
         """A collection's settings and item count."""
@@ -753,11 +771,14 @@ class VectorStore:
         """
         spec = self._spec(name)
         records = self._prepare(spec, list(items))
-        index = self._begin_write(name)
+        self._begin_write(name)
         try:
             count = await self.storage.put_vectors(name, records)
+            # Into whatever is loaded now: it may have been loaded during the write (then
+            # putting the same rows again changes nothing).
             with self._lock:
-                if index is not None and self._indexes.get(name) is index:
+                index = self._indexes.get(name)
+                if index is not None:
                     if index.spec == spec:
                         index.put(records)
                         self._graph_write(index, "put", [r.id for r in records], records)
@@ -771,7 +792,7 @@ class VectorStore:
                 raise _unknown(name) from e
             raise
         finally:
-            self._end_write(index)
+            self._end_write(name)
         return count
 
     async def delete(self, name: str, ids: Iterable[str]) -> int:
@@ -781,18 +802,19 @@ class VectorStore:
         for item in wanted:
             if not isinstance(item, str) or not item:
                 raise VectorError(f"collection {name}: ids must be non-empty strings, got {item!r}")
-        index = self._begin_write(name)
+        self._begin_write(name)
         try:
             count = await self.storage.delete_vectors(name, wanted)
             with self._lock:
-                if index is not None and self._indexes.get(name) is index:
+                index = self._indexes.get(name)
+                if index is not None:
                     index.remove(wanted)
                     self._graph_write(index, "remove", wanted, None)
         except BaseException:
             self._forget(name)
             raise
         finally:
-            self._end_write(index)
+            self._end_write(name)
         return count
 
     def search(
@@ -835,9 +857,13 @@ class VectorStore:
                 import numpy as np
 
                 near = index.graph.search(np.asarray(values, dtype=np.float32), k)
-                if near is not None:
+                if near is not None and all(item in index.pos for item, _ in near):
                     at = [(index.pos[item], score) for item, score in near]
                     return [Hit(index.ids[i], s, dict(index.metadata[i])) for i, s in at]
+                if near is not None:
+                    log.warning("collection %s: its graph names items it no longer has", name)
+                    self._drop_graph(name, index)
+                    self._attach(name)
             rows = index.matching(filter) if filter else None
             if rows is not None and not rows:
                 return []
@@ -855,13 +881,22 @@ class VectorStore:
                 f"`frys vector tune {name} --index hnsw`"
             )
         _require_hnswlib(name)
-        self._build(name, index, progress)
+        if not isinstance(index, _NumpyIndex):
+            raise VectorError(f"collection {name}: an HNSW index needs numpy; pip install numpy")
+        with self._lock:
+            if index.building is not None:
+                raise VectorError(
+                    f"collection {name}: its index is being built already; wait for it "
+                    f"(`frys vector stats {name}` shows index_state)"
+                )
+            build = index.building = _Build()
+        self._build(name, index, build, progress)
         return self.stats(name)
 
     def close(self) -> None:
         """Stop background builds and save every graph changed since it was saved."""
         self._stopping.set()
-        for thread in list(self._builders.values()):
+        for thread in list(self._builders):
             thread.join()
         with self._lock:
             for name, index in self._indexes.items():
@@ -872,7 +907,9 @@ class VectorStore:
 
     def _forget(self, name: str) -> None:
         with self._lock:
-            self._indexes.pop(name, None)
+            index = self._indexes.pop(name, None)
+            if index is not None and index.building is not None:
+                index.building.cancelled = True
 
     def _record(self, name: str) -> VectorCollectionRecord:
         if not isinstance(name, str) or not name:
@@ -916,10 +953,12 @@ class VectorStore:
             return "none"
         if index.graph is not None:
             return "ready"
-        if index.pending is not None:
+        if index.building is not None:
             return "building"
-        if not (HAVE_HNSWLIB and isinstance(index, _NumpyIndex)):
+        if not HAVE_HNSWLIB:
             return "unavailable: install the hnsw extra (hnswlib and numpy)"
+        if not isinstance(index, _NumpyIndex):
+            return "unavailable: this store searches without numpy"
         return "not built"
 
     def _stamp(self, name: str, index: _Index) -> IndexStamp:
@@ -938,12 +977,12 @@ class VectorStore:
         """Load the collection's saved graph, or start building one when `build` is set."""
         with self._lock:
             index = self._indexes.get(name)
-            if index is None or index.graph is not None or index.pending is not None:
+            if index is None or index.graph is not None or index.building is not None:
                 return
             if not (HAVE_HNSWLIB and isinstance(index, _NumpyIndex)):
                 log.warning("collection %s: %s; searching exactly", name, self._index_state(index))
                 return
-            if index.writing == 0:
+            if not self._writing.get(name):
                 stamp = self._stamp(name, index)
                 found = Graph.load(self.index_dir, stamp, index.options, set(index.pos))
                 if isinstance(found, Graph):
@@ -952,97 +991,116 @@ class VectorStore:
                 log.info("collection %s: not using its saved index: %s", name, found)
             if not self.build or self._stopping.is_set():
                 return
-            index.pending = []
+            build = index.building = _Build()
             thread = threading.Thread(
-                target=self._build_in_background, args=(name, index), name=f"index {name}"
+                target=self._build_in_background, args=(name, index, build), name=f"index {name}"
             )
-            self._builders[name] = thread
+            self._builders.add(thread)
         thread.start()
 
-    def _build_in_background(self, name: str, index: _Index) -> None:
+    def _build_in_background(self, name: str, index: _Index, build: _Build) -> None:
         try:
-            self._build(name, index, None)
+            self._build(name, index, build, None)
         except IndexBuildStopped as e:
-            log.info("collection %s: %s; it is built again at the next start", name, e)
+            log.info("collection %s: %s", name, e)
         except Exception:
             log.exception("collection %s: building its index failed; searching exactly", name)
         finally:
             with self._lock:
-                index.pending = None
-                self._builders.pop(name, None)
+                self._builders.discard(threading.current_thread())
 
-    def _build(self, name: str, index: _Index, progress: Callable[[int, int], None] | None) -> None:
+    def _build(
+        self,
+        name: str,
+        index: _Index,
+        build: _Build,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Build a graph over a snapshot of the rows, replay the writes made meanwhile, and
+        install and save it unless the build was cancelled."""
         assert isinstance(index, _NumpyIndex)
-        with self._lock:
-            if index.pending is None:
-                index.pending = []
-            ids, rows = list(index.ids), index.floats(0, len(index.ids))
-            options = index.options
-        started = time.perf_counter()
-        graph = hnsw.build(
-            index.spec.dim,
-            index.spec.metric,
-            options,
-            ids,
-            rows,
-            threads=os.cpu_count() or 1,
-            progress=progress,
-            stop=self._stopping.is_set,
-        )
-        with self._lock:
-            for kind, changed, changed_rows in index.pending or ():
-                if kind == "put":
-                    graph.add(changed, changed_rows)
-                else:
-                    graph.remove(changed)
-            index.pending = None
-            if self._indexes.get(name) is not index or index.options != options:
-                return  # dropped, reloaded or retuned meanwhile: this graph is of no use
-            index.graph = graph
-            self.index_builds += 1
-            self._save(name, index)
-        log.info(
-            "collection %s: built its HNSW index of %d items in %.1f s",
-            name,
-            len(ids),
-            time.perf_counter() - started,
-        )
+        try:
+            with self._lock:
+                ids, rows = list(index.ids), index.floats(0, len(index.ids))
+                options = index.options
+            started = time.perf_counter()
+            graph = hnsw.build(
+                index.spec.dim,
+                index.spec.metric,
+                options,
+                ids,
+                rows,
+                threads=self._threads,
+                progress=progress,
+                stop=lambda: build.cancelled or self._stopping.is_set(),
+            )
+            with self._lock:
+                if build.cancelled or self._indexes.get(name) is not index:
+                    return  # dropped, reloaded or retuned meanwhile: of no use
+                for kind, changed, changed_rows in build.pending:
+                    if kind == "put":
+                        graph.add(changed, changed_rows)
+                    else:
+                        graph.remove(changed)
+                graph.set_ef(index.options.ef_search)
+                index.graph = graph
+                index.building = None
+                self.index_builds += 1
+                self._save(name, index)
+            log.info(
+                "collection %s: built its HNSW index of %d items in %.1f s",
+                name,
+                len(ids),
+                time.perf_counter() - started,
+            )
+        finally:
+            with self._lock:
+                if index.building is build:
+                    index.building = None
+
+    def _drop_graph(self, name: str, index: _Index) -> None:
+        """Forget the collection's graph, cancel its build and delete its saved files."""
+        index.graph = None
+        if index.building is not None:
+            index.building.cancelled = True
+            index.building = None
+        hnsw.remove_files(self.index_dir, name)
 
     def _save(self, name: str, index: _Index) -> None:
         """Save the graph unless a write is between storage and memory (its stamp would lie)."""
-        if index.graph is None or index.writing:
+        if index.graph is None or self._writing.get(name):
             return
         try:
             index.graph.save(self.index_dir, self._stamp(name, index))
         except OSError as e:
             log.warning("collection %s: could not save its index (%s); it is rebuilt", name, e)
 
-    def _begin_write(self, name: str) -> _Index | None:
+    def _begin_write(self, name: str) -> None:
         with self._lock:
-            index = self._indexes.get(name)
-            if index is not None:
-                index.writing += 1
-            return index
+            self._writing[name] = self._writing.get(name, 0) + 1
 
-    def _end_write(self, index: _Index | None) -> None:
-        if index is not None:
-            with self._lock:
-                index.writing -= 1
+    def _end_write(self, name: str) -> None:
+        with self._lock:
+            left = self._writing[name] - 1
+            if left:
+                self._writing[name] = left
+            else:
+                del self._writing[name]
 
-    @staticmethod
     def _graph_write(
-        index: _Index, kind: str, ids: list[str], records: Sequence[VectorRecord] | None
+        self, index: _Index, kind: str, ids: list[str], records: Sequence[VectorRecord] | None
     ) -> None:
-        """Apply a committed write to the graph, or queue it for the graph being built."""
-        if index.graph is None and index.pending is None:
+        """Apply a committed write to the graph, and queue it for a graph being built."""
+        if index.graph is None and index.building is None:
             return
         assert isinstance(index, _NumpyIndex)
         rows = index.floats_of(records) if records is not None else None
-        if index.pending is not None:
-            index.pending.append((kind, ids, rows))
-        elif index.graph is not None:
+        if index.building is not None:
+            index.building.pending.append((kind, ids, rows))
+        if index.graph is not None:
             if kind == "put":
-                index.graph.add(ids, rows)
+                threads = self._threads if len(ids) >= BIG_WRITE else 1
+                index.graph.add(ids, rows, threads=threads)
             else:
                 index.graph.remove(ids)
 

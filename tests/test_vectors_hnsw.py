@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,12 +165,47 @@ def test_upserts_and_deletes_reach_the_graph_at_once(storage: Storage) -> None:
     assert store.stats("big").count == 3000
 
 
-def test_writes_during_a_background_build_are_not_lost(storage: Storage) -> None:
+class PausedBuilds:
+    """hnsw.build held at its start until release(), so a test acts while a build runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        real = hnsw.build
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            self.started.set()
+            assert self.gate.wait(30), "the test never released the build"
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hnsw, "build", build)
+
+    def wait_started(self) -> None:
+        assert self.started.wait(30)
+        self.started.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.fixture
+def paused(monkeypatch: pytest.MonkeyPatch) -> Iterator[PausedBuilds]:
+    builds = PausedBuilds(monkeypatch)
+    yield builds
+    builds.release()
+
+
+def test_writes_during_a_background_build_are_not_lost(
+    storage: Storage, paused: PausedBuilds
+) -> None:
     store = filled(storage)
     builder = VectorStore(storage, build=True)
     builder.stats("big")  # loads it and starts the build
+    paused.wait_started()
+    assert builder.stats("big").index_state == "building"
     upsert(builder, "big", [{"id": "mid-build", "vector": [0.0] * 30 + [7.0, 0.0]}])
     delete(builder, "big", ["v0"])
+    paused.release()
     wait_ready(builder)
     ids = {h.id for h in builder.search("big", vector=[0.0] * 30 + [1.0, 0.0], k=5)}
     assert "mid-build" in ids
@@ -268,8 +304,144 @@ def test_cli_creates_indexes_tunes_and_searches(tmp_path: Path) -> None:
     assert tuned.returncode == 0 and "ef_search=128" in tuned.stdout
     assert frys("vector", "tune", "big", *d).returncode == 2
     bad = frys("vector", "create", "x", "--dim", "4", "--index", "hnsw", "--m", "1", *d)
-    assert bad.returncode == 1 and "m" in bad.stderr
+    assert bad.returncode == 1 and "Expected `int` >= 4 - at `$.m`" in bad.stderr, bad.stderr
     exact_only = frys("vector", "create", "plain", "--dim", "4", *d)
     assert exact_only.returncode == 0
     refused = frys("vector", "index", "plain", *d)
     assert refused.returncode == 1 and "--index hnsw" in refused.stderr
+
+
+def test_updates_after_deletes_leave_no_stale_copy_in_the_graph(data_dir: Path) -> None:
+    far = [0.0] * 31 + [1.0]
+    with Storage(data_dir) as storage:
+        store = filled(storage)
+        store.build_index("big")
+        capacity = store.stats("big").memory_bytes
+        v1 = items(random.Random(7), 2, 32)[1]["vector"]
+        for _ in range(40):  # churn: a free slot exists each time v1 moves
+            delete(store, "big", ["v0"])
+            upsert(store, "big", [{"id": "v1", "vector": far}, {"id": "v0", "vector": v1}])
+            upsert(store, "big", [{"id": "v1", "vector": v1}, {"id": "v1", "vector": far}])
+        approx = [h.id for h in store.search("big", vector=v1, k=5)]
+        assert approx == [h.id for h in store.search("big", vector=v1, k=5, exact=True)]
+        assert store.search("big", vector=far, k=1)[0].id == "v1"
+        assert store.stats("big").memory_bytes == capacity  # slots are reused, not added
+        delete(store, "big", ["v1"])
+        assert "v1" not in {h.id for h in store.search("big", vector=far, k=10)}
+        store.close()
+    with Storage(data_dir) as storage:
+        store = VectorStore(storage)
+        assert store.stats("big").index_state == "ready"
+        assert "v1" not in {h.id for h in store.search("big", vector=far, k=10)}
+
+
+def test_an_update_made_after_the_save_is_caught_by_the_write_counter(data_dir: Path) -> None:
+    moved = [0.0] * 31 + [5.0]
+    with Storage(data_dir) as storage:
+        filled(storage).build_index("big")
+        upsert(VectorStore(storage), "big", [{"id": "v3", "vector": moved}])  # same ids
+    with Storage(data_dir) as storage:
+        store = VectorStore(storage)
+        assert store.stats("big").index_state == "not built"
+        store.build_index("big")
+        assert store.search("big", vector=moved, k=1)[0].id == "v3"
+
+
+def test_a_write_racing_the_first_load_reaches_memory_and_the_graph(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    filled(storage).build_index("big")
+    store = VectorStore(storage)
+    real = storage.put_vectors
+
+    async def load_then_write(name: str, records: Any) -> int:
+        store.search("big", vector=queries(1)[0], k=1)  # loads the collection mid-write
+        return await real(name, records)
+
+    monkeypatch.setattr(storage, "put_vectors", load_then_write)
+    target = [0.0] * 30 + [3.0, 0.0]
+    upsert(store, "big", [{"id": "raced", "vector": target}])
+    # loaded with a write in flight, the saved graph cannot be trusted: exact until rebuilt
+    assert store.stats("big").index_state == "not built"
+    assert store.search("big", vector=target, k=1)[0].id == "raced"
+    store.build_index("big")
+    assert store.search("big", vector=target, k=1)[0].id == "raced"
+
+
+def test_tuning_during_a_build(storage: Storage, paused: PausedBuilds) -> None:
+    filled(storage)
+    store = VectorStore(storage, build=True)
+    store.stats("big")
+    paused.wait_started()
+    with pytest.raises(VectorError, match="being built already"):
+        store.build_index("big")
+    store.tune("big", ef_search=100)  # the build under way still serves
+    paused.release()
+    wait_ready(store)
+    assert (store.stats("big").index_builds, store.stats("big").index.ef_search) == (1, 100)
+    paused.gate.clear()
+    store.tune("big", m=8)  # a new graph: this build starts over
+    paused.wait_started()
+    store.tune("big", m=10)  # and again, cancelling the one held at the gate
+    paused.release()
+    wait_ready(store)
+    assert store.stats("big").index.m == 10
+    assert recall(store, queries(10)) >= RECALL_BOUND
+    store.close()
+    assert not store._builders
+
+
+def test_close_stops_a_build_and_the_next_start_builds_again(
+    data_dir: Path, paused: PausedBuilds
+) -> None:
+    with Storage(data_dir) as storage:
+        filled(storage)
+        store = VectorStore(storage, build=True)
+        store.stats("big")
+        paused.wait_started()
+        closer = threading.Thread(target=store.close)
+        closer.start()
+        paused.release()
+        closer.join(30)
+        assert not closer.is_alive() and not store._builders
+        assert store.stats("big").index_state == "not built"
+    assert not (data_dir / "vectors" / "big.hnsw").exists()
+
+
+def test_drop_removes_the_saved_graph(storage: Storage) -> None:
+    store = filled(storage)
+    store.build_index("big")
+    files = sorted(p.name for p in (storage.data_dir / "vectors").iterdir())
+    assert files == ["big.hnsw", "big.hnsw.json"]
+    store.tune("big", kind="exact")
+    assert not any((storage.data_dir / "vectors").iterdir())
+    store.tune("big", kind="hnsw")
+    store.build_index("big")
+    store.drop("big")
+    assert not any((storage.data_dir / "vectors").iterdir())
+
+
+def test_a_collection_that_cannot_load_degrades_health_not_start(data_dir: Path) -> None:
+    from frys_edge.config import load_config
+    from frys_edge.runtime import Runtime
+
+    with Storage(data_dir) as storage:
+        filled(storage)
+        VectorStore(storage).create("fine", 4)
+        # as a newer frys might write it: an unknown field is ignored, a bad value is not
+        storage.set_vector_options("big", {"index": {"kind": "hnsw", "m": 1}, "new": True})
+    config = load_config(None, env={}, overrides={"system.data_dir": str(data_dir)})
+
+    async def main() -> tuple[str, str, int]:
+        rt = Runtime(config)
+        await rt.start()
+        try:
+            assert rt.vectors is not None
+            vectors = rt.health.components["vectors"]
+            return vectors.status, vectors.reason, rt.vectors.stats("fine").count
+        finally:
+            await rt.stop()
+
+    status, reason, count = anyio.run(main)
+    assert (status, count) == ("degraded", 0)
+    assert "collection big: " in reason and "bad index options" in reason
