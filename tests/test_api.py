@@ -593,6 +593,29 @@ def test_connections_beyond_max_connections_are_closed(tmp_path: Path) -> None:
     anyio.run(main)
 
 
+def test_a_client_that_reads_no_response_is_closed_after_the_transfer_timeout(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        options = {"transfer_timeout": 0.5}
+        async with serving(tmp_path, server_options=options) as (rt, server):
+            port = server.ports["api"]
+            assert rt.storage is not None
+            await rt.storage.put("ns", "big", "x" * 900_000)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(5)
+            await in_thread(lambda: sock.connect(("127.0.0.1", port)))
+            # Pipelined requests for ~18 MB it never reads: the server's writes stall.
+            sock.sendall(b"GET /kv/ns/big HTTP/1.1\r\nHost: t\r\n\r\n" * 20)
+            with anyio.fail_after(5):  # closed by the server although the client never read
+                while rt.metrics.snapshot()['http_connections{server="api"}'] != 0:
+                    await anyio.sleep(0.05)
+            sock.close()
+
+    anyio.run(main)
+
+
 # -- graceful drain -------------------------------------------------------------------------
 
 
