@@ -21,7 +21,7 @@ import re
 import ssl
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any
@@ -914,10 +914,11 @@ class PublishEvent(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class RunsQuery(msgspec.Struct, forbid_unknown_fields=True):
-    """GET /runs query."""
+    """GET /runs query: newest first; `before` is the `next` of the previous page."""
 
     status: str | None = None
     workflow: str | None = None
+    before: str | None = None
     limit: _Limit = 100
 
 
@@ -1490,6 +1491,16 @@ DASHBOARD_HEADERS = [
 # Routes a browser opens without being able to send headers: they take ?access_token=.
 _QUERY_TOKEN_PATHS = frozenset({"/ws", "/events/stream"})
 
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _foreign_origin(headers: Mapping[str, str]) -> str | None:
+    """The Origin a browser sent when it is not this server's own host, else None."""
+    origin = headers.get("origin")
+    if origin and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
+        return origin
+    return None
+
 
 @functools.cache
 def _dashboard() -> bytes:
@@ -1553,7 +1564,17 @@ class _Routes:
         return await self._dispatch(self.health, request)
 
     async def api_app(self, request: Request) -> Response:
-        """The API port: with a token configured, every request but the page must carry it."""
+        """The API port: with a token configured, every request but the page must carry it;
+        a browser page from another site may not change anything (it could, without a
+        token, by posting a plain form to 127.0.0.1)."""
+        if request.method not in _SAFE_METHODS:
+            origin = _foreign_origin(request.headers)
+            if origin is not None:
+                message = (
+                    f"a {request.method} from a page of {origin} is refused: only pages "
+                    "served by this API may change state"
+                )
+                return HttpError(403, "forbidden", message).response()
         token = self.rt.config.network.token
         if token and request.path != "/":
             given = request.headers.get("authorization", "")
@@ -1687,8 +1708,8 @@ class _Routes:
         if not valid_key:
             message = "Sec-WebSocket-Key must be 16 bytes in base64"
             raise HttpError(400, "bad_request", message)
-        origin = headers.get("origin")
-        if origin and urllib.parse.urlsplit(origin).netloc != headers.get("host"):
+        origin = _foreign_origin(headers)
+        if origin is not None:
             # A page from another site must not read the event log through the browser.
             message = f"a WebSocket from origin {origin} is refused: only same-origin pages"
             raise HttpError(403, "forbidden", message)
@@ -1723,10 +1744,16 @@ class _Routes:
 
     async def list_runs(self, request: Request, params: dict[str, str]) -> Response:
         query: RunsQuery = decode_query(request.query, RunsQuery)
+        if query.before is not None and self.storage.get_run(query.before) is None:
+            message = f"no run {query.before!r} to page from; pass the `next` of a page"
+            raise HttpError(422, "invalid", message, "$.before")
         runs = self.storage.list_runs(
-            status=query.status, workflow=query.workflow, limit=query.limit
+            status=query.status, workflow=query.workflow, before=query.before, limit=query.limit
         )
-        return json_response(200, {"runs": [_run_summary(run) for run in runs]})
+        # A full page may have more after it; `next` is where the next page starts.
+        next_page = runs[-1].id if len(runs) == query.limit else None
+        summaries = [_run_summary(run) for run in runs]
+        return json_response(200, {"runs": summaries, "next": next_page})
 
     async def start_run(self, request: Request, params: dict[str, str]) -> Response:
         body: StartRun = decode_body(request.body, StartRun)

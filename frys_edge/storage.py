@@ -616,11 +616,16 @@ class Storage:
         status: str | None = None,
         workflow: str | None = None,
         parent_run: str | None = None,
+        before: str | None = None,
         limit: int = 100,
     ) -> list[RunRecord]:
-        """Runs, newest first, optionally of one status, workflow and/or parent run."""
+        """Runs, newest first, optionally of one status, workflow and/or parent run, and
+        only those listed after the run `before` (page on with the last id of a page)."""
         sql = f"SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1"
         args: list[Any] = []
+        if before is not None:
+            sql += " AND (created_at, id) < (SELECT created_at, id FROM runs WHERE id = ?)"
+            args.append(before)
         if parent_run is not None:
             sql += " AND parent_run = ?"
             args.append(parent_run)

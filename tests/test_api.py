@@ -282,6 +282,32 @@ def test_start_run_returns_its_document_and_a_used_key_returns_the_same_run(
     anyio.run(main)
 
 
+def test_runs_page_newest_first_with_a_next_cursor(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (_, server):
+            port = server.ports["api"]
+            started = []
+            for i in range(5):
+                body = {"workflow": "greet", "inputs": {"reading": float(i)}}
+                started.append((await call(port, "POST", "/runs", body)).json["id"])
+            seen: list[str] = []
+            cursor = ""
+            pages = 0
+            while True:
+                page = await call(port, "GET", f"/runs?workflow=greet&limit=2{cursor}")
+                assert page.status == 200, page.body
+                seen += [r["id"] for r in page.json["runs"]]
+                pages += 1
+                if page.json["next"] is None:
+                    break
+                assert page.json["next"] == seen[-1]
+                cursor = f"&before={page.json['next']}"
+            assert seen == started[::-1] and pages == 3
+            assert_error(await call(port, "GET", "/runs?before=nope"), 422, "invalid", "$.before")
+
+    anyio.run(main)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code", "path"),
     [
@@ -423,6 +449,25 @@ def test_unknown_route_is_404_and_wrong_method_405_with_allow(tmp_path: Path) ->
 
 
 # -- security -------------------------------------------------------------------------------
+
+
+def test_a_page_of_another_site_cannot_change_state(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serving(tmp_path) as (rt, server):
+            port = server.ports["api"]
+            body = {"workflow": "greet", "inputs": {"reading": 1.0}}
+            evil = {"origin": "http://evil.example", "content-type": "text/plain"}
+            refused = await call(port, "POST", "/runs", body, headers=evil)
+            assert_error(refused, 403, "forbidden")
+            assert "http://evil.example" in refused.json["error"]["message"]
+            put = await call(port, "PUT", "/kv/app/x", 1, headers=evil)
+            assert_error(put, 403, "forbidden")
+            assert rt.storage is not None and rt.storage.list_runs() == []
+            own = {"origin": f"http://127.0.0.1:{port}"}
+            assert (await call(port, "POST", "/runs", body, headers=own)).status == 201
+            assert (await call(port, "GET", "/runs", headers=evil)).status == 200
+
+    anyio.run(main)
 
 
 def test_with_a_token_the_api_needs_it_and_health_stays_open(tmp_path: Path) -> None:
