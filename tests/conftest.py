@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,19 @@ def frys(
         text=True,
         timeout=timeout,
     )
+
+
+def build_if_stale(
+    request: pytest.FixtureRequest, target: str, output: Path, sources: list[Path]
+) -> None:
+    """Run `build.sh TARGET` when output is missing or older than any source; report time."""
+    newest = max(p.stat().st_mtime for p in sources if p.is_file())
+    if output.exists() and output.stat().st_mtime >= newest:
+        return
+    started = time.monotonic()
+    build = subprocess.run(["bash", "build.sh", target], cwd=ROOT, capture_output=True, text=True)
+    assert build.returncode == 0, f"build.sh {target} failed:\n{build.stdout}\n{build.stderr}"
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        last = ((build.stdout + build.stderr).strip().splitlines() or [""])[-1]
+        reporter.write_line(f"built {target} in {time.monotonic() - started:.0f} s: {last}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, build_if_stale
 
 from frys_edge import __version__
 from frys_edge.storage import Storage
@@ -53,19 +53,7 @@ COLLECTOR_URL = "http://127.0.0.1:8099/ingest"  # the default in the gateway's f
 @pytest.fixture(scope="session")
 def binary(request: pytest.FixtureRequest) -> Path:
     """dist/frys, built first when it is missing or older than a source."""
-    newest = max(p.stat().st_mtime for p in SOURCES if p.is_file())
-    if not BINARY.exists() or BINARY.stat().st_mtime < newest:
-        started = time.monotonic()
-        build = subprocess.run(
-            ["bash", "build.sh", "binary"], cwd=ROOT, capture_output=True, text=True
-        )
-        assert build.returncode == 0, f"build.sh binary failed:\n{build.stdout}\n{build.stderr}"
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(
-                f"built dist/frys in {time.monotonic() - started:.0f} s: "
-                f"{build.stdout.strip().splitlines()[-2]}"
-            )
+    build_if_stale(request, "binary", BINARY, SOURCES)
     return BINARY
 
 

@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import anyio
 import pytest
 import wasmtime
-from conftest import ROOT
+from conftest import ROOT, build_if_stale
 
 from frys_edge.config import load_config
 from frys_edge.runtime import Runtime
@@ -51,17 +50,7 @@ needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="needs node
 @pytest.fixture(scope="session")
 def bundle(request: pytest.FixtureRequest) -> Path:
     """dist/wasm32, built first when it is missing or older than a source."""
-    manifest = BUNDLE / "manifest.json"
-    newest = max(p.stat().st_mtime for p in SOURCES if p.is_file())
-    if not manifest.exists() or manifest.stat().st_mtime < newest:
-        started = time.monotonic()
-        build = subprocess.run(
-            ["bash", "build.sh", "wasm32"], cwd=ROOT, capture_output=True, text=True
-        )
-        assert build.returncode == 0, f"build.sh wasm32 failed:\n{build.stdout}\n{build.stderr}"
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"built dist/wasm32 in {time.monotonic() - started:.0f} s")
+    build_if_stale(request, "wasm32", BUNDLE / "manifest.json", SOURCES)
     return BUNDLE
 
 

@@ -3,15 +3,11 @@
 // Loads the page, waits for runs of the gateway's sensor workflow with the anomaly plugin's
 // score, reloads, and checks the earlier runs are listed again (kept in IndexedDB).
 // Prints one JSON line: what the page showed before and after the reload, and every URL asked.
-import { chromium } from "playwright-core";
+import { launch, loopbackOnly } from "./browser.mjs";
 
 const [url] = process.argv.slice(2);
 const report = { requests: [], blocked: [], console: [] };
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-});
+const browser = await launch();
 
 // What the page lists: [{id, status, z}] from its runs table, and what frys.runs() says.
 async function shown(page) {
@@ -26,17 +22,8 @@ async function shown(page) {
 }
 
 try {
-  const context = await browser.newContext();
   // Everything must come from the bundle's server: any other host is recorded and refused.
-  await context.route("**/*", (route) => {
-    const target = new URL(route.request().url());
-    report.requests.push(route.request().url());
-    if (target.hostname !== "127.0.0.1") {
-      report.blocked.push(route.request().url());
-      return route.abort();
-    }
-    return route.continue();
-  });
+  const context = await loopbackOnly(browser, report);
   const page = await context.newPage();
   page.on("console", (m) => report.console.push(`${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => report.console.push(`pageerror: ${e.message}`));
