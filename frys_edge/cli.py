@@ -991,7 +991,7 @@ def _index_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", choices=["exact", "hnsw"], help="how to search (exact)")
     parser.add_argument("--m", type=int, metavar="M", help="HNSW links per node (16)")
     parser.add_argument(
-        "--ef-construction", type=int, metavar="EF", help="HNSW build candidates (200)"
+        "--ef-construction", type=int, metavar="EF", help="HNSW build candidates (100)"
     )
     parser.add_argument("--ef-search", type=int, metavar="EF", help="HNSW search candidates (64)")
 

@@ -565,7 +565,7 @@ def test_cli_round_trip(tmp_path: Path) -> None:
             "dtype": "int8",
             "count": 3,
             "created_at": pytest.approx(json.loads(result.stdout)[0]["created_at"]),
-            "index": {"kind": "exact", "m": 16, "ef_construction": 200, "ef_search": 64},
+            "index": {"kind": "exact", "m": 16, "ef_construction": 100, "ef_search": 64},
             "embedder": "lexical",
         }
     ]

@@ -286,7 +286,7 @@ def test_cli_creates_indexes_tunes_and_searches(tmp_path: Path) -> None:
     d = ("--data-dir", str(tmp_path / "data"))
     made = frys("vector", "create", "big", "--dim", "32", "--index", "hnsw", "--m", "12", *d)
     assert made.returncode == 0, made.stderr
-    assert "hnsw m=12 ef_construction=200 ef_search=64" in made.stdout
+    assert "hnsw m=12 ef_construction=100 ef_search=64" in made.stdout
     lines = [json.dumps(item) for item in items(random.Random(3), 500, 32)]
     (tmp_path / "v.jsonl").write_text("\n".join(lines))
     assert frys("vector", "add", "big", str(tmp_path / "v.jsonl"), *d).returncode == 0
