@@ -129,18 +129,17 @@ class Graph:
                 allow_replace_deleted=True,
             )
             self.index.set_ef(options.ef_search)
+        self.capacity = max(capacity or 0, MIN_CAPACITY)
         self.label_of: dict[str, int] = {}
         self.id_of: dict[int, str] = {}
         self.next_label = 0
         self.dirty = False  # changed since it was last saved or loaded
 
-    def __len__(self) -> int:
-        return len(self.label_of)
-
     def memory_bytes(self) -> int:
-        """Vectors plus links of every slot, as hnswlib allocates them."""
+        """Vectors plus links of every slot, as hnswlib allocates them (read without calling
+        into hnswlib, so it is safe while another thread adds)."""
         per_node = 4 * self.dim + 8 + 4 * (2 * self.options.m + 1)
-        return int(self.index.get_max_elements()) * per_node
+        return self.capacity * per_node
 
     def set_ef(self, ef_search: int) -> None:
         """Change the candidates kept per search."""
@@ -164,7 +163,8 @@ class Graph:
             needed = current + max(0, len(new) - deleted)
             capacity = int(self.index.get_max_elements())
             if needed > capacity:
-                self.index.resize_index(max(needed, capacity + capacity // 2))
+                self.capacity = max(needed, capacity + capacity // 2)
+                self.index.resize_index(self.capacity)
             labels = []
             for item, _ in new:
                 label = self.next_label
@@ -261,6 +261,7 @@ class Graph:
         except RuntimeError as e:
             return f"{graph_path} does not load ({e})"
         graph.index.set_ef(options.ef_search)
+        graph.capacity = int(graph.index.get_max_elements())
         graph.label_of = dict(zip(meta.ids, meta.labels, strict=True))
         graph.id_of = {label: item for item, label in graph.label_of.items()}
         graph.next_label = meta.next_label

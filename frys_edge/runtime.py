@@ -301,7 +301,7 @@ class Runtime:
         self.storage = await self.blocking(self._open_storage)
         self.health.set("storage", "ok")
         # Without worker threads (Pyodide, threads = 0) no graph is built in the background.
-        self.vectors = VectorStore(self.storage, build=cfg.system.threads > 0)
+        self.vectors = VectorStore(self.storage, background=cfg.system.threads > 0)
         # Loading a large collection takes a while: do it now, off the event loop.
         await self.blocking(self._load_vectors, self.vectors)
         if cfg.system.threads:

@@ -26,12 +26,14 @@ import sys
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from hashlib import blake2b
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import anyio
 import msgspec
 
 from frys_edge import hnsw
@@ -67,7 +69,7 @@ MAX_TEXT_CHARS = 100_000
 MAX_METADATA_BYTES = 64 * 1024
 LOAD_PAGE = 10_000
 INT8_CHUNK_BYTES = 4 * 1024 * 1024  # int8 rows are widened to float32 in blocks this big
-BIG_WRITE = 1000  # items from which a write is added to an HNSW graph on every core
+BIG_WRITE = 1000  # items from which a graph write runs on every core, off the event loop
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _WORD = re.compile(r"\w+")
 _LITTLE = sys.byteorder == "little"
@@ -322,6 +324,10 @@ class _Index(abc.ABC):
         self.searches = 0
         self.graph: Graph | None = None  # the HNSW graph, once loaded or built
         self.building: _Build | None = None  # the graph build under way, if any
+        # Committed writes not yet in the graph, in commit order, applied by whoever holds
+        # graph_lock; a search that finds either busy searches exactly instead of waiting.
+        self.graph_queue: deque[tuple[str, list[str], Any]] = deque()
+        self.graph_lock = threading.Lock()
 
     def put(self, records: Sequence[VectorRecord]) -> None:
         """Insert or replace records; the last of two with one id wins, as in storage."""
@@ -592,9 +598,11 @@ class VectorStore:
 
     `use_numpy`: None picks numpy when importable; False forces the pure-Python path.
     `index_dir`: where HNSW graphs are saved (default: `vectors/` in the data dir).
-    `build`: build a missing or stale graph in a background thread when a collection loads
-    (the runtime does); otherwise such a collection is searched exactly until
-    `build_index()` is called. Methods are safe to call from several threads.
+    `background`: may use threads (the runtime does, unless threads = 0): a missing or stale
+    graph is built in a background thread when a collection loads, and large writes reach
+    the graph in a worker thread while searches stay exact. Otherwise such a collection is
+    searched exactly until `build_index()` is called. Methods are safe to call from several
+    threads.
     """
 
     def __init__(
@@ -603,14 +611,14 @@ class VectorStore:
         *,
         use_numpy: bool | None = None,
         index_dir: Path | None = None,
-        build: bool = False,
+        background: bool = False,
     ) -> None:
         if use_numpy and not HAVE_NUMPY:
             raise VectorError("use_numpy=True but numpy is not installed; pip install numpy")
         self.storage = storage
         self.use_numpy = HAVE_NUMPY if use_numpy is None else use_numpy
         self.index_dir = storage.data_dir / "vectors" if index_dir is None else index_dir
-        self.build = build
+        self.background = background
         self._indexes: dict[str, _Index] = {}
         self.loads = 0  # collections loaded (or reloaded) from storage into memory
         self.index_builds = 0  # HNSW graphs built (not loaded from their file)
@@ -679,7 +687,7 @@ class VectorStore:
         """Change a collection's index options (kind, m, ef_construction, ef_search).
 
         A new ef_search applies at once; a new kind, m or ef_construction drops the graph,
-        which is built again (in the background with `build`, else by `build_index`).
+        which is built again (in the background with `background`, else by `build_index`).
         """
         unknown = sorted(set(changes) - set(IndexOptions.__struct_fields__))
         if unknown:
@@ -784,6 +792,9 @@ class VectorStore:
                         self._graph_write(index, "put", [r.id for r in records], records)
                     else:  # dropped and created again meanwhile: reload on next use
                         del self._indexes[name]
+                        index = None
+            if index is not None:
+                await self._apply_graph_writes(index, len(records))
         except BaseException as e:
             # A write may commit although its caller was cancelled or the index update
             # failed: forget the in-memory copy so the next search reloads what is stored.
@@ -810,6 +821,8 @@ class VectorStore:
                 if index is not None:
                     index.remove(wanted)
                     self._graph_write(index, "remove", wanted, None)
+            if index is not None:
+                await self._apply_graph_writes(index, len(wanted))
         except BaseException:
             self._forget(name)
             raise
@@ -853,10 +866,20 @@ class VectorStore:
             values = self._query_vector(spec, vector)
         with self._lock:
             index.searches += 1
-            if index.graph is not None and not filter and not exact:
+            graph = index.graph
+            if (
+                graph is not None
+                and not filter
+                and not exact
+                and not index.graph_queue
+                and index.graph_lock.acquire(blocking=False)
+            ):
                 import numpy as np
 
-                near = index.graph.search(np.asarray(values, dtype=np.float32), k)
+                try:
+                    near = graph.search(np.asarray(values, dtype=np.float32), k)
+                finally:
+                    index.graph_lock.release()
                 if near is not None and all(item in index.pos for item, _ in near):
                     at = [(index.pos[item], score) for item, score in near]
                     return [Hit(index.ids[i], s, dict(index.metadata[i])) for i, s in at]
@@ -898,6 +921,8 @@ class VectorStore:
         self._stopping.set()
         for thread in list(self._builders):
             thread.join()
+        for index in list(self._indexes.values()):
+            self._drain_graph_queue(index)
         with self._lock:
             for name, index in self._indexes.items():
                 if index.graph is not None and index.graph.dirty:
@@ -974,7 +999,7 @@ class VectorStore:
         )
 
     def _attach(self, name: str) -> None:
-        """Load the collection's saved graph, or start building one when `build` is set."""
+        """Load the collection's saved graph, or start building one when `background` is set."""
         with self._lock:
             index = self._indexes.get(name)
             if index is None or index.graph is not None or index.building is not None:
@@ -989,7 +1014,7 @@ class VectorStore:
                     index.graph = found
                     return
                 log.info("collection %s: not using its saved index: %s", name, found)
-            if not self.build or self._stopping.is_set():
+            if not self.background or self._stopping.is_set():
                 return
             build = index.building = _Build()
             thread = threading.Thread(
@@ -1068,12 +1093,16 @@ class VectorStore:
 
     def _save(self, name: str, index: _Index) -> None:
         """Save the graph unless a write is between storage and memory (its stamp would lie)."""
-        if index.graph is None or self._writing.get(name):
+        if index.graph is None or self._writing.get(name) or index.graph_queue:
             return
+        if not index.graph_lock.acquire(blocking=False):
+            return  # a write is being applied: saved later, at close at the latest
         try:
             index.graph.save(self.index_dir, self._stamp(name, index))
         except OSError as e:
             log.warning("collection %s: could not save its index (%s); it is rebuilt", name, e)
+        finally:
+            index.graph_lock.release()
 
     def _begin_write(self, name: str) -> None:
         with self._lock:
@@ -1090,7 +1119,8 @@ class VectorStore:
     def _graph_write(
         self, index: _Index, kind: str, ids: list[str], records: Sequence[VectorRecord] | None
     ) -> None:
-        """Apply a committed write to the graph, and queue it for a graph being built."""
+        """Queue a committed write for the graph, and for a graph being built (call with
+        the lock held, right after the write reached the rows, so the order is commit order)."""
         if index.graph is None and index.building is None:
             return
         assert isinstance(index, _NumpyIndex)
@@ -1098,11 +1128,42 @@ class VectorStore:
         if index.building is not None:
             index.building.pending.append((kind, ids, rows))
         if index.graph is not None:
-            if kind == "put":
-                threads = self._threads if len(ids) >= BIG_WRITE else 1
-                index.graph.add(ids, rows, threads=threads)
-            else:
-                index.graph.remove(ids)
+            index.graph_queue.append((kind, ids, rows))
+
+    async def _apply_graph_writes(self, index: _Index, size: int) -> None:
+        """Apply queued writes to the graph: a large one in a worker thread when `background`
+        is set, so the event loop keeps serving (searches meanwhile are exact)."""
+        if not index.graph_queue:
+            return
+        if self.background and size >= BIG_WRITE:
+            await anyio.to_thread.run_sync(self._drain_graph_queue, index)
+        else:
+            # Never wait on the loop: if another caller is applying writes, it applies
+            # this one too before it lets go (see _drain_graph_queue).
+            self._drain_graph_queue(index, blocking=False)
+
+    def _drain_graph_queue(self, index: _Index, blocking: bool = True) -> None:
+        """Apply queued writes until none is left. The lock is let go only with the queue
+        seen empty under the store's lock, so a write queued meanwhile is never stranded."""
+        if not index.graph_lock.acquire(blocking=blocking):
+            return
+        try:
+            while True:
+                with self._lock:
+                    if not index.graph_queue:
+                        index.graph_lock.release()
+                        return
+                    kind, ids, rows = index.graph_queue.popleft()
+                    graph = index.graph
+                if graph is None:  # dropped meanwhile; a new graph is built from the rows
+                    continue
+                if kind == "put":
+                    graph.add(ids, rows, threads=self._threads if len(ids) >= BIG_WRITE else 1)
+                else:
+                    graph.remove(ids)
+        except BaseException:
+            index.graph_lock.release()
+            raise
 
     def _embed(self, spec: _Spec, text: str) -> list[float]:
         """The collection's embedder applied to text, checked to be spec.dim numbers."""

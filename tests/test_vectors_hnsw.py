@@ -127,7 +127,7 @@ def test_a_corrupt_graph_is_refused_searched_exactly_and_rebuilt(data_dir: Path)
         assert store.search("big", vector=query, k=3) == store.search(
             "big", vector=query, k=3, exact=True
         )
-        builder = VectorStore(storage, build=True)
+        builder = VectorStore(storage, background=True)
         wait_ready(builder)
         assert builder.stats("big").index_builds == 1
         builder.close()
@@ -143,7 +143,7 @@ def test_writes_after_the_save_make_the_graph_stale_until_rebuilt(data_dir: Path
         other = VectorStore(storage)
         upsert(other, "big", [{"id": "late", "vector": [5.0] + [0.0] * 31}])
     with Storage(data_dir) as storage:
-        store = VectorStore(storage, build=True)
+        store = VectorStore(storage, background=True)
         wait_ready(store)
         assert store.stats("big").index_builds == 1
         assert store.search("big", vector=[1.0] + [0.0] * 31, k=1)[0].id == "late"
@@ -199,7 +199,7 @@ def test_writes_during_a_background_build_are_not_lost(
     storage: Storage, paused: PausedBuilds
 ) -> None:
     store = filled(storage)
-    builder = VectorStore(storage, build=True)
+    builder = VectorStore(storage, background=True)
     builder.stats("big")  # loads it and starts the build
     paused.wait_started()
     assert builder.stats("big").index_state == "building"
@@ -370,7 +370,7 @@ def test_a_write_racing_the_first_load_reaches_memory_and_the_graph(
 
 def test_tuning_during_a_build(storage: Storage, paused: PausedBuilds) -> None:
     filled(storage)
-    store = VectorStore(storage, build=True)
+    store = VectorStore(storage, background=True)
     store.stats("big")
     paused.wait_started()
     with pytest.raises(VectorError, match="being built already"):
@@ -396,7 +396,7 @@ def test_close_stops_a_build_and_the_next_start_builds_again(
 ) -> None:
     with Storage(data_dir) as storage:
         filled(storage)
-        store = VectorStore(storage, build=True)
+        store = VectorStore(storage, background=True)
         store.stats("big")
         paused.wait_started()
         closer = threading.Thread(target=store.close)
@@ -445,3 +445,45 @@ def test_a_collection_that_cannot_load_degrades_health_not_start(data_dir: Path)
     status, reason, count = anyio.run(main)
     assert (status, count) == ("degraded", 0)
     assert "collection big: " in reason and "bad index options" in reason
+
+
+def test_a_large_write_reaches_the_graph_off_the_event_loop(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frys_edge.hnsw import Graph
+
+    filled(storage).build_index("big")
+    store = VectorStore(storage, background=True)
+    assert store.stats("big").index_state == "ready"
+    entered, gate = threading.Event(), threading.Event()
+    real_add = Graph.add
+
+    def held_add(graph: Graph, ids: Any, rows: Any, threads: int = 1) -> None:
+        if len(ids) >= 1000:  # the large write waits here, in its worker thread
+            entered.set()
+            assert gate.wait(30)
+        real_add(graph, ids, rows, threads)
+
+    monkeypatch.setattr(Graph, "add", held_add)
+    batch = items(random.Random(5), 1000, 32, start=5000)
+    small = [0.0] * 29 + [4.0, 0.0, 0.0]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.upsert, "big", batch)
+            await anyio.to_thread.run_sync(entered.wait, 30)
+            # the event loop still serves: searches answer (exactly) and see the new rows
+            assert store.search("big", vector=batch[0]["vector"], k=1)[0].id == "v5000"
+            await store.upsert("big", [{"id": "small", "vector": small}])  # does not wait
+            assert store.search("big", vector=small, k=1)[0].id == "small"
+            gate.set()
+
+    anyio.run(main)
+    index = store._indexes["big"]
+    assert not index.graph_queue and index.graph is not None
+    import numpy as np
+
+    for vector, expected in ((small, "small"), (batch[0]["vector"], "v5000")):
+        near = index.graph.search(np.asarray(vector, dtype=np.float32), 1)
+        assert near is not None and near[0][0] == expected  # in the graph itself
+    store.close()
