@@ -921,12 +921,10 @@ class VectorStore:
         self._stopping.set()
         for thread in list(self._builders):
             thread.join()
-        for index in list(self._indexes.values()):
+        for name, index in list(self._indexes.items()):
             self._drain_graph_queue(index)
-        with self._lock:
-            for name, index in self._indexes.items():
-                if index.graph is not None and index.graph.dirty:
-                    self._save(name, index)
+            if index.graph is not None and index.graph.dirty:
+                self._save(name, index)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -1071,7 +1069,7 @@ class VectorStore:
                 index.graph = graph
                 index.building = None
                 self.index_builds += 1
-                self._save(name, index)
+            self._save(name, index)
             log.info(
                 "collection %s: built its HNSW index of %d items in %.1f s",
                 name,
@@ -1092,17 +1090,27 @@ class VectorStore:
         hnsw.remove_files(self.index_dir, name)
 
     def _save(self, name: str, index: _Index) -> None:
-        """Save the graph unless a write is between storage and memory (its stamp would lie)."""
-        if index.graph is None or self._writing.get(name) or index.graph_queue:
-            return
+        """Save the graph, holding its lock but not the store's: searches meanwhile are
+        exact, and writes queue up and are applied after. Skipped while a write is between
+        storage and memory, since the stamp would claim it."""
         if not index.graph_lock.acquire(blocking=False):
             return  # a write is being applied: saved later, at close at the latest
         try:
-            index.graph.save(self.index_dir, self._stamp(name, index))
-        except OSError as e:
-            log.warning("collection %s: could not save its index (%s); it is rebuilt", name, e)
-        finally:
+            with self._lock:
+                graph = index.graph
+                if graph is None or self._writing.get(name) or index.graph_queue:
+                    stamp = None
+                else:
+                    stamp = self._stamp(name, index)
+            if graph is not None and stamp is not None:
+                try:
+                    graph.save(self.index_dir, stamp)
+                except OSError as e:
+                    log.warning("collection %s: could not save its index (%s)", name, e)
+        except BaseException:
             index.graph_lock.release()
+            raise
+        self._drain_held(index)
 
     def _begin_write(self, name: str) -> None:
         with self._lock:
@@ -1145,8 +1153,11 @@ class VectorStore:
     def _drain_graph_queue(self, index: _Index, blocking: bool = True) -> None:
         """Apply queued writes until none is left. The lock is let go only with the queue
         seen empty under the store's lock, so a write queued meanwhile is never stranded."""
-        if not index.graph_lock.acquire(blocking=blocking):
-            return
+        if index.graph_lock.acquire(blocking=blocking):
+            self._drain_held(index)
+
+    def _drain_held(self, index: _Index) -> None:
+        """Apply queued writes with graph_lock held, then let it go (see _drain_graph_queue)."""
         try:
             while True:
                 with self._lock:

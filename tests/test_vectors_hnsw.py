@@ -487,3 +487,33 @@ def test_a_large_write_reaches_the_graph_off_the_event_loop(
         near = index.graph.search(np.asarray(vector, dtype=np.float32), 1)
         assert near is not None and near[0][0] == expected  # in the graph itself
     store.close()
+
+
+def test_saving_a_graph_blocks_no_search_and_no_write(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frys_edge.hnsw import Graph
+
+    store = filled(storage)
+    entered, gate = threading.Event(), threading.Event()
+    real_save = Graph.save
+
+    def held_save(graph: Graph, directory: Path, stamp: Any) -> None:
+        entered.set()
+        assert gate.wait(30)
+        real_save(graph, directory, stamp)
+
+    monkeypatch.setattr(Graph, "save", held_save)
+    builder = threading.Thread(target=store.build_index, args=("big",))
+    builder.start()
+    assert entered.wait(60)
+    target = [0.0] * 28 + [6.0, 0.0, 0.0, 0.0]
+    upsert(store, "big", [{"id": "during-save", "vector": target}])  # does not wait
+    assert store.search("big", vector=target, k=1)[0].id == "during-save"  # exact, at once
+    gate.set()
+    builder.join(30)
+    assert not builder.is_alive()
+    index = store._indexes["big"]
+    assert not index.graph_queue  # the saver applied the write queued meanwhile
+    assert store.search("big", vector=target, k=1)[0].id == "during-save"
+    assert store.stats("big").backend == "hnsw"
