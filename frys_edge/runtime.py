@@ -450,6 +450,11 @@ class Runtime:
             "Vector collections loaded into memory",
             lambda: float(store.loads),
         )
+        self.metrics.gauge(
+            "vector_index_builds_total",
+            "HNSW graphs built (not loaded from their saved file)",
+            lambda: float(store.index_builds),
+        )
 
     def _load_workflows(self, directory: Path) -> None:
         """Load every definition in the workflows dir; a bad file degrades health, not start."""

@@ -274,6 +274,9 @@ def test_runtime_builds_in_the_background_and_saves_at_stop(data_dir: Path) -> N
             while rt.vectors.stats("big").index_state != "ready":
                 assert time.monotonic() < deadline
                 await anyio.sleep(0.02)
+            snapshot = rt.metrics.snapshot()
+            assert snapshot["vector_index_builds_total"] == rt.vectors.index_builds
+            assert snapshot['vector_items{collection="big"}'] == 3000
             return rt.vectors.stats("big").backend, rt.vectors.index_builds
         finally:
             await rt.stop()
