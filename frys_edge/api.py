@@ -939,12 +939,14 @@ class EventsQuery(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class VectorSearch(msgspec.Struct, forbid_unknown_fields=True):
-    """POST /vectors/{name}/search: by text `query` or a `vector`, top `k`, metadata filter."""
+    """POST /vectors/{name}/search: by text `query` or a `vector`, top `k`, metadata filter;
+    `exact` searches every vector even when the collection's HNSW graph is ready."""
 
     query: str | None = None
     vector: list[float] | None = None
     k: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     filter: dict[str, Any] | None = None
+    exact: bool = False
 
 
 class VectorItems(msgspec.Struct, forbid_unknown_fields=True):
@@ -1870,14 +1872,19 @@ class _Routes:
 
     async def list_vectors(self, request: Request, params: dict[str, str]) -> Response:
         decode_query(request.query, EmptyQuery)
-        infos = [msgspec.structs.asdict(c) for c in self.vectors.collections()]
+        infos = msgspec.to_builtins(self.vectors.collections())
         return json_response(200, {"collections": infos})
 
     async def search_vectors(self, request: Request, params: dict[str, str]) -> Response:
         decode_query(request.query, EmptyQuery)
         body: VectorSearch = decode_body(request.body, VectorSearch)
         hits = self.vectors.search(
-            params["name"], vector=body.vector, query=body.query, k=body.k, filter=body.filter
+            params["name"],
+            vector=body.vector,
+            query=body.query,
+            k=body.k,
+            filter=body.filter,
+            exact=body.exact,
         )
         return json_response(200, {"hits": [hit_document(hit) for hit in hits]})
 

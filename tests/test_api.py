@@ -788,8 +788,12 @@ def test_vector_routes_upsert_search_delete_and_errors(tmp_path: Path) -> None:
             assert put.status == 200 and put.json == {"upserted": 2}
             found = await call(api, "POST", "/vectors/docs/search", {"query": "pump fault", "k": 1})
             assert found.status == 200 and found.json["hits"][0]["id"] == "a"
+            exact = {"query": "pump fault", "k": 1, "exact": True}
+            assert (await call(api, "POST", "/vectors/docs/search", exact)).json == found.json
             listed = await call(api, "GET", "/vectors")
             assert [c["name"] for c in listed.json["collections"]] == ["docs"]
+            assert listed.json["collections"][0]["index"]["kind"] == "exact"
+            assert listed.json["collections"][0]["embedder"] == "lexical"
             gone = await call(api, "POST", "/vectors/docs/delete", {"ids": ["a"]})
             assert gone.json == {"deleted": 1}
             missing = await call(api, "POST", "/vectors/nope/search", {"query": "x"})
