@@ -383,23 +383,27 @@ class _JsInstance:
 
     def __init__(self, plugin: WasmPlugin) -> None:
         import js
-        from pyodide.ffi import JsException, create_proxy
+        from pyodide.ffi import JsException, create_proxy, jsnull
 
         self.plugin = plugin
         self.failure: str | None = None
         self.broken = False
         self.input_ptr = 0
         self.input_cap = 0
-        imports = js.Object.new()
-        frys = js.Object.new()
+        # No prototype: a module must not link against Object's own properties.
+        imports = js.Object.create(jsnull)
+        frys = js.Object.create(jsnull)
+        self._proxies: list[Any] = []
         for name, capability, _params, results, fn, caller in plugin.host_functions(self):
             if capability is not None and capability not in plugin.granted:
-                fn = _refuse(plugin.name, capability, PluginError)
+                fn = self._refusal(_refuse(plugin.name, capability, PluginError))
             elif caller:
                 fn = _with_memory(fn, self)
             if results == ["i64"]:  # an i64 crosses into WebAssembly as a BigInt
                 fn = _as_bigint(fn, js.BigInt)
-            setattr(frys, name, create_proxy(fn))
+            proxy = create_proxy(fn)
+            self._proxies.append(proxy)
+            setattr(frys, name, proxy)
         imports.frys = frys
         try:
             self.instance = js.WebAssembly.Instance.new(plugin.module.js, imports)
@@ -409,6 +413,27 @@ class _JsInstance:
         self.memory: Any = getattr(self.exports, "memory", None)
         self._uint8 = js.Uint8Array
         self._js_error = JsException
+
+    def close(self) -> None:
+        """Free the host-function proxies: they and the JS instance hold each other, across
+        two garbage collectors that cannot see the cycle, so nothing else would free them."""
+        for proxy in self._proxies:
+            proxy.destroy()
+        self._proxies.clear()
+        self.instance = self.exports = self.memory = None
+
+    def _refusal(self, stub: Callable[..., Any]) -> Callable[..., Any]:
+        """The stub, also recording its error: on this engine a module can catch what a host
+        function throws, and the call must fail all the same (as a wasmtime trap does)."""
+
+        def refuse(*args: Any) -> Any:
+            try:
+                return stub(*args)
+            except PluginError as e:
+                self.failure = self.failure or str(e)
+                raise
+
+        return refuse
 
     def begin(self, limits: Limits) -> None:
         """Nothing to refill: the JavaScript engine has no fuel and no epochs."""
@@ -439,7 +464,9 @@ class _JsInstance:
 
     def _view(self, ptr: int, length: int) -> Any:
         if length < 0 or ptr < 0 or ptr + length > self.memory_size():
-            raise PluginError(f"plugin {self.plugin.name} passed a buffer outside its memory")
+            message = f"plugin {self.plugin.name} passed a buffer outside its memory"
+            self.failure = self.failure or message  # caught by the module or not, it fails
+            raise PluginError(message)
         return self._uint8.new(self.memory.buffer, ptr, length)
 
 
@@ -472,18 +499,22 @@ def cap_memory(data: bytes, pages: int) -> bytes:
     pos = 8
     while pos < len(data):
         section = data[pos]
-        size, body = _leb(data, pos + 1)
+        size, body = _leb(data, pos + 1, len(data))
         end = body + size
+        if end > len(data):
+            raise PluginError(f"malformed module: section {section} runs past the end", "invalid")
         if section == 5:
-            count, at = _leb(data, body)
+            count, at = _leb(data, body, end)
             flags = data[at] if count == 1 and at < end else -1
             if flags not in (0, 1):
                 raise PluginError("the module must define one 32-bit, unshared memory", "abi")
-            initial, at = _leb(data, at + 1)
+            initial, at = _leb(data, at + 1, end)
             maximum = pages
             if flags == 1:
-                declared, at = _leb(data, at)
+                declared, at = _leb(data, at, end)
                 maximum = min(declared, pages)
+            if at != end:
+                raise PluginError("malformed module: a memory section of a wrong size", "invalid")
             if initial > pages:
                 raise PluginError(
                     f"the module's initial memory is {initial} pages, over its "
@@ -496,10 +527,12 @@ def cap_memory(data: bytes, pages: int) -> bytes:
     raise PluginError("the module defines no memory; a reactor exports one", "abi")
 
 
-def _leb(data: bytes, pos: int) -> tuple[int, int]:
-    """An unsigned LEB128 number at pos, and the position after it."""
+def _leb(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """An unsigned 32-bit LEB128 number at pos (before end), and the position after it."""
     value = shift = 0
     while True:
+        if pos >= end or shift > 28:
+            raise PluginError(f"malformed module: a bad number at byte {pos}", "invalid")
         byte = data[pos]
         value |= (byte & 0x7F) << shift
         pos += 1
@@ -565,7 +598,11 @@ class WasmPlugin:
         self.exports = {e.name: e for e in manifest.exports}
         instance = _JsInstance if JS_WEBASSEMBLY else _Instance
         self.pool: Pool = Pool(
-            lambda: instance(self), pool_size, name=f"plugin-{self.name}", reset=_reset
+            lambda: instance(self),
+            pool_size,
+            name=f"plugin-{self.name}",
+            reset=_reset,
+            close=_JsInstance.close if JS_WEBASSEMBLY else None,
         )
 
     # -- host functions -------------------------------------------------------------------

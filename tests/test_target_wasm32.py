@@ -153,6 +153,7 @@ def test_plugins_on_node_webassembly_keep_the_limits_that_hold_there(
     assert r["stack"]["kind"] == "stack"
     assert "which it was not granted" in r["ungranted"]["error"]
     assert r["tampered"]["kind"] == "integrity"
+    assert r["live_instances"] <= 2, "discarded instances must be freed, not leaked"
     assert r["metered"] is False  # no fuel on the JavaScript engine
     assert (r["calls"], r["errors"]) == (5, 2)
 
@@ -275,6 +276,20 @@ def test_cap_memory_writes_the_manifest_cap_as_the_memory_maximum() -> None:
     three_pages = bytes(wasmtime.wat2wasm('(module (memory (export "memory") 3))'))
     with pytest.raises(PluginError, match="initial memory is 3 pages, over its limits"):
         cap_memory(three_pages, 2)
+
+
+def test_cap_memory_refuses_every_truncated_or_malformed_module_clearly() -> None:
+    data = bytes(wasmtime.wat2wasm('(module (memory (export "memory") 1 4))'))
+    assert data[8] == 5  # the memory section comes first; what follows is the engine's to check
+    for cut in range(9, 10 + data[9]):
+        with pytest.raises(PluginError) as info:
+            cap_memory(data[:cut], 8)
+        assert info.value.kind in ("invalid", "abi"), cut
+    with pytest.raises(PluginError, match="bad number"):
+        cap_memory(b"\0asm\x01\0\0\0\x05\xff\xff\xff\xff\xff\xff", 8)
+    with pytest.raises(PluginError, match="runs past the end"):
+        cap_memory(b"\0asm\x01\0\0\0\x05\x03\x01\x00", 10)
+    assert cap_memory(data, 2) != data  # the whole module still caps (maximum 4 -> 2)
 
 
 def test_cap_memory_refuses_what_is_not_a_module_with_one_memory() -> None:

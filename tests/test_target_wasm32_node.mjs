@@ -40,6 +40,27 @@ hugeout = load_plugin("/plugins/hostile/hugeout")
 recurse = load_plugin("/plugins/hostile/recurse")
 sneaky = load_plugin("/plugins/hostile/sneaky")
 window = {"values": [20.0, 20.5, 21.0, 35.0, 20.2], "threshold": 1.5}
+
+
+def live_instances_after(calls):
+    """_JsInstance objects alive after that many calls of a fresh-instance-per-call copy of
+    the anomaly plugin: each discarded instance must be freed, JS side and Python side."""
+    import gc
+    import pathlib
+    import shutil
+
+    from frys_edge.sandbox import _JsInstance
+
+    shutil.copytree("/app/plugins/anomaly", "/plugins/anomaly-call")
+    manifest = pathlib.Path("/plugins/anomaly-call/frys-plugin.toml")
+    text = manifest.read_text().replace('format = "json"', 'format = "json"\\nisolation = "call"')
+    manifest.write_text(text)
+    fresh = load_plugin("/plugins/anomaly-call", Grant(capabilities=["log"]))
+    for _ in range(calls):
+        fresh.call("detect", window)
+    gc.collect()
+    return sum(isinstance(o, _JsInstance) for o in gc.get_objects())
+
 # Over 4 MiB of input: the anomaly plugin's input_buffer cannot grow memory past its
 # limits.memory_pages (64 pages) and traps.
 huge = {"values": [1.5] * 1_100_000}
@@ -54,6 +75,7 @@ json.dumps({
     "stack": attempt(lambda: recurse.call("run", None)),
     "ungranted": attempt(lambda: sneaky.call("run", None)),
     "tampered": attempt(lambda: load_plugin("/plugins/hostile/tampered").name),
+    "live_instances": live_instances_after(40),
     "metered": anomaly.metered,
     "calls": anomaly.calls,
     "errors": anomaly.errors,
