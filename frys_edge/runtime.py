@@ -2,7 +2,8 @@
 
 It drives the pure core (scheduler, bus, cache) on the running asyncio loop (anyio's asyncio
 backend, or Pyodide's) and uses anyio for threads, timeouts and signals; with `[system]
-threads = 0` (the default under Pyodide) blocking work runs inline and no thread is started.
+threads = 0` (the default under Pyodide) blocking work runs inline on the loop (on CPython
+a loaded WASM plugin still starts wasmtime's one deadline ticker thread).
 It supervises long-running components (restarting a failed one with backoff), keeps the health
 model and metrics, applies config reloads, and drains gracefully on shutdown. It speaks no SQL and
 serves no HTTP.
