@@ -969,7 +969,8 @@ def _vector_parsers(sub: Any) -> None:
         "stats",
         help="load a collection and show its size",
         description="Load a collection as a search would and show its item count, backend "
-        "(numpy or python) and memory.\n\nexample:\n  frys vector stats default --json",
+        "(hnsw, numpy or python), index settings and state, and memory.\n\nexample:\n"
+        "  frys vector stats default --json",
     )
     _config_flags(stats)
     stats.add_argument("name", metavar="NAME")

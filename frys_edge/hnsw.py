@@ -172,7 +172,8 @@ class Graph:
                 self.label_of[item] = label
                 self.id_of[label] = item
                 labels.append(label)
-            picked = rows[[i for _, i in new]]
+            # all new and distinct (a build's chunks): the rows as given, not a copy
+            picked = rows if len(new) == len(ids) else rows[[i for _, i in new]]
             self.index.add_items(picked, labels, num_threads=threads, replace_deleted=True)
         self.dirty = True
 

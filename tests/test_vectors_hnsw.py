@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 from conftest import frys
+from test_vectors import delete, upsert
 
 from frys_edge import hnsw
 from frys_edge.hnsw import IndexOptions
@@ -37,20 +38,6 @@ def items(rng: random.Random, n: int, dim: int, start: int = 0) -> list[dict[str
         {"id": f"v{i}", "vector": [rng.gauss(0.0, 1.0) for _ in range(dim)], "metadata": {"i": i}}
         for i in range(start, start + n)
     ]
-
-
-def upsert(store: VectorStore, name: str, batch: list[dict[str, Any]]) -> int:
-    async def main() -> int:
-        return await store.upsert(name, batch)
-
-    return anyio.run(main)
-
-
-def delete(store: VectorStore, name: str, ids: list[str]) -> int:
-    async def main() -> int:
-        return await store.delete(name, ids)
-
-    return anyio.run(main)
 
 
 def filled(storage: Storage, metric: str = "cosine", dtype: str = "float32") -> VectorStore:
